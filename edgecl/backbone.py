@@ -1,0 +1,421 @@
+"""The frozen timm ViT every method shares, with its three entry points.
+
+* :meth:`FrozenViT.query` -- the no-prompt pass: final-norm CLS feature plus the CPS critical scores.
+* :meth:`FrozenViT.forward` with ``prefixes`` -- the prompted pass (prefix key/value per layer).
+* :meth:`FrozenViT.forward` with ``keep`` -- the token-subset pass (CLS plus the kept patches).
+
+Methods never copy the ViT forward; they pass prefixes, patch subsets or a :class:`LayerHooks` object.
+Blocks that receive no prefix and no hook run timm's own (fused) block, so an unprompted layer costs
+exactly what timm costs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BackboneInfo",
+    "FrozenViT",
+    "LayerHooks",
+    "Prefix",
+    "QueryOutput",
+    "load_backbone",
+    "load_state_dict_file",
+]
+
+Prefix = tuple[Tensor, Tensor]
+"""A (key, value) prefix for one layer, each ``B x Lp x D`` or ``Lp x D`` (broadcast over the batch)."""
+
+
+@dataclass(frozen=True)
+class QueryOutput:
+    """Result of the no-prompt query pass."""
+
+    cls: Tensor
+    """Final-norm CLS feature, ``B x D``."""
+    scores: Tensor
+    """CPS critical score per patch (CLS excluded), ``B x N``."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Static facts about a loaded backbone that methods, exports and profiles need."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    num_patches: int
+    num_prefix_tokens: int
+    img_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in a full sequence (prefix tokens such as CLS plus all patches)."""
+        return self.num_prefix_tokens + self.num_patches
+
+
+class LayerHooks:
+    """Per-layer extension points of the prompted pass; override what a method needs.
+
+    The backbone runs its own attention for a layer only when ``wants(layer)`` is true (or a static
+    prefix is given for it); all other layers run timm's block untouched.
+    """
+
+    def wants(self, layer: int) -> bool:
+        """Whether this hook object acts on ``layer`` at all."""
+        return False
+
+    def prefix(self, layer: int, x_norm: Tensor) -> Prefix | None:
+        """A dynamic (key, value) prefix computed from the layer's normed input (``B x T x D``)."""
+        return None
+
+    def attn_out(self, layer: int, x_norm: Tensor, out: Tensor) -> Tensor:
+        """Edit the concatenated per-head attention output (``B x T x D``) before the output projection."""
+        return out
+
+    def block_out(self, layer: int, x: Tensor, keys: Tensor) -> Tensor:
+        """Edit the block output (``B x T x D``); ``keys`` are the layer's keys, heads concatenated."""
+        return x
+
+
+def _check_timm_vit(model: nn.Module) -> None:
+    """Refuse models whose structure the prompted pass does not reproduce exactly."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"edgecl needs a timm VisionTransformer, got {type(model).__name__}; "
+            "pass a timm ViT name such as 'vit_tiny_patch16_224'."
+        )
+    if getattr(model, "global_pool", "token") != "token" or not getattr(model, "cls_token", None) is not None:
+        raise ValueError("edgecl needs a ViT with a CLS token and global_pool='token'.")
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        if not hasattr(attn, "qkv"):
+            raise ValueError(f"block {i} has no fused qkv projection; this timm ViT variant is not supported.")
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise ValueError(f"block {i} uses scale_norm in attention; not supported by the prompted pass.")
+
+
+class FrozenViT(nn.Module):
+    """A frozen timm ViT with a query pass, a prompted pass and a token-subset pass.
+
+    All parameters are frozen and the module stays in eval mode (``train()`` is a no-op), so dropout,
+    drop-path and any batch statistics never change.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str = "vit",
+        score_layer: int = -1,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        super().__init__()
+        _check_timm_vit(model)
+        model.reset_classifier(0)
+        model.requires_grad_(False)
+        model.eval()
+        self.vit = model
+        depth = len(model.blocks)
+        if not -depth <= score_layer < depth:
+            raise ValueError(f"score_layer={score_layer} is outside the {depth} blocks of {name}.")
+        self.score_layer = score_layer % depth
+        pe = model.patch_embed
+        img = pe.img_size[0] if isinstance(pe.img_size, tuple) else int(pe.img_size)
+        patch = pe.patch_size[0] if isinstance(pe.patch_size, tuple) else int(pe.patch_size)
+        self.info = BackboneInfo(
+            name=name,
+            embed_dim=model.embed_dim,
+            depth=depth,
+            num_heads=model.blocks[0].attn.num_heads,
+            num_patches=pe.num_patches,
+            num_prefix_tokens=model.num_prefix_tokens,
+            img_size=img,
+            patch_size=patch,
+            mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
+            std=tuple(float(s) for s in std),  # type: ignore[arg-type]
+        )
+        self.spec: dict[str, Any] = {"name": name}
+        """How to rebuild this backbone (``load_backbone`` keyword arguments), stored in checkpoints."""
+        super().train(False)
+
+    # ----------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FrozenViT:
+        """The backbone is frozen: it always stays in eval mode."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width D of the tokens."""
+        return self.info.embed_dim
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return self.info.depth
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens N (prefix tokens such as CLS excluded)."""
+        return self.info.num_patches
+
+    # ----------------------------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch-embed ``x`` and add CLS and position embeddings: ``B x (1 + N) x D``."""
+        vit = self.vit
+        tokens = vit.patch_embed(x)
+        tokens = vit._pos_embed(tokens)
+        tokens = vit.patch_drop(tokens)
+        return vit.norm_pre(tokens)
+
+    def gather_tokens(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """Keep the prefix tokens plus the patches in ``keep`` (``B x k``, 0-based), in ascending order."""
+        n_pre = self.info.num_prefix_tokens
+        if keep.dim() != 2 or keep.shape[0] != tokens.shape[0]:
+            raise ValueError(f"keep must be B x k patch indices, got shape {tuple(keep.shape)}.")
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self.num_patches):
+            raise ValueError(f"keep indices must lie in [0, {self.num_patches}).")
+        idx = torch.sort(keep.long(), dim=1).values + n_pre
+        pre = torch.arange(n_pre, device=tokens.device).expand(tokens.shape[0], n_pre)
+        idx = torch.cat([pre, idx], dim=1)
+        return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+    def _qkv(self, blk: nn.Module, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of one block, each ``B x H x T x dh`` (q/k norms applied as timm does)."""
+        attn = blk.attn
+        b, t, d = x_norm.shape
+        qkv = attn.qkv(x_norm).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def _split_heads(self, p: Tensor, batch: int, heads: int) -> Tensor:
+        """``(B x) Lp x D`` prefix -> ``B x H x Lp x dh``."""
+        if p.dim() == 2:
+            p = p.unsqueeze(0).expand(batch, -1, -1)
+        b, lp, d = p.shape
+        return p.reshape(b, lp, heads, d // heads).transpose(1, 2)
+
+    def _block(
+        self,
+        i: int,
+        blk: nn.Module,
+        x: Tensor,
+        prefix: Prefix | None,
+        hooks: LayerHooks | None,
+    ) -> Tensor:
+        """One block with prefix key/values and hooks; the math of timm's Block otherwise."""
+        attn = blk.attn
+        b, t, d = x.shape
+        h = attn.num_heads
+        x_norm = blk.norm1(x)
+        if hooks is not None and prefix is None:
+            prefix = hooks.prefix(i, x_norm)
+        q, k, v = self._qkv(blk, x_norm)
+        keys_concat = k.transpose(1, 2).reshape(b, t, d)
+        if prefix is not None:
+            pk, pv = prefix
+            k = torch.cat([self._split_heads(pk.to(k.dtype), b, h), k], dim=2)
+            v = torch.cat([self._split_heads(pv.to(v.dtype), b, h), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, t, d)
+        if hooks is not None:
+            out = hooks.attn_out(i, x_norm, out)
+        x = x + blk.ls1(attn.proj(out))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        if hooks is not None:
+            x = hooks.block_out(i, x, keys_concat)
+        return x
+
+    def forward(
+        self,
+        x: Tensor,
+        prefixes: Mapping[int, Prefix] | None = None,
+        keep: Tensor | None = None,
+        hooks: LayerHooks | None = None,
+        return_tokens: bool = False,
+    ) -> Tensor:
+        """Prompted / token-subset pass; returns the pre-logits CLS feature ``B x D``.
+
+        ``prefixes`` maps layer index to a (key, value) prefix prepended after the qkv projection;
+        ``keep`` selects patches (position embeddings are added before the gather); ``hooks`` lets a
+        method act inside chosen layers.  With ``return_tokens`` the final-normed tokens
+        (``B x T x D``) are returned instead of the CLS feature.
+        """
+        prefixes = prefixes or {}
+        bad = [i for i in prefixes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"prefix layers {bad} are outside the {self.depth} blocks.")
+        tokens = self.embed(x)
+        if keep is not None:
+            tokens = self.gather_tokens(tokens, keep)
+        for i, blk in enumerate(self.vit.blocks):
+            prefix = prefixes.get(i)
+            if prefix is None and (hooks is None or not hooks.wants(i)):
+                tokens = blk(tokens)
+            else:
+                tokens = self._block(i, blk, tokens, prefix, hooks if hooks is not None and hooks.wants(i) else None)
+        tokens = self.vit.norm(tokens)
+        if return_tokens:
+            return tokens
+        return tokens[:, 0]
+
+    # ----------------------------------------------------------------------------------------------
+    def critical_scores(self, blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Run one block and return (its output, CPS scores over all tokens ``B x T``).
+
+        score_j = (sum over heads of the CLS row of the attention probabilities)_j * ||v_j||_2, with v the
+        qkv output (heads concatenated) before the output projection -- the reference's ATS-style score.
+        """
+        b, t, d = tokens.shape
+        x_norm = blk.norm1(tokens)
+        q, k, v = self._qkv(blk, x_norm)
+        attn = blk.attn
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # B x H x 1 x T: only the CLS row
+        cls_row = logits.softmax(dim=-1).sum(dim=1)[:, 0]  # B x T, summed over heads
+        v_norm = v.transpose(1, 2).reshape(b, t, d).norm(dim=-1)  # B x T
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = tokens + blk.ls1(attn.proj(out))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return x, cls_row * v_norm
+
+    def query(self, x: Tensor) -> QueryOutput:
+        """The no-prompt query pass (no autograd): CLS feature and CPS scores of ``score_layer``."""
+        with torch.inference_mode():
+            tokens = self.embed(x)
+            scores = tokens.new_zeros(0)
+            for i, blk in enumerate(self.vit.blocks):
+                if i == self.score_layer:
+                    tokens, scores = self.critical_scores(blk, tokens)
+                else:
+                    tokens = blk(tokens)
+            cls = self.vit.norm(tokens)[:, 0]
+        # clone outside inference mode so the results may feed autograd graphs (prompt queries)
+        return QueryOutput(cls=cls.clone(), scores=scores[:, self.info.num_prefix_tokens :].clone())
+
+    def features(self, x: Tensor) -> Tensor:
+        """The plain frozen forward (timm's own), no autograd: pre-logits CLS ``B x D``."""
+        with torch.inference_mode():
+            out = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        return out.clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a plain state dict from .safetensors, .pth/.pt/.bin (plain or ``{"model": ...}``) or .npz."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(p)))
+    if suffix in {".pth", ".pt", ".bin", ".ckpt"}:
+        obj: Any = torch.load(str(p), map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise ValueError(f"{p} does not hold a state dict of tensors.")
+        return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise ValueError(
+        f"unsupported weights format '{suffix}' for {p}; use .safetensors, .pth/.pt/.bin or a timm .npz."
+    )
+
+
+def _load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a local weights file into ``model``; missing/unexpected keys are an error naming them."""
+    p = Path(path)
+    if p.suffix.lower() == ".npz":
+        if not p.is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {p}")
+        model.load_pretrained(str(p))  # timm's big_vision/.npz loader
+        return
+    state = load_state_dict_file(p)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"weights {p} do not match the model: missing keys {missing}, unexpected keys "
+            f"{list(result.unexpected_keys)}. Check the backbone name, --img-size and --patch-size."
+        )
+
+
+def load_backbone(
+    name: str = "vit_tiny_patch16_224",
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    score_layer: int = -1,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> FrozenViT:
+    """Build a frozen timm ViT by name, from a local weights file, timm's hub, or random init.
+
+    ``weights`` wins over ``pretrained``.  Without weights and without ``pretrained`` the backbone is
+    randomly initialised (useful for tests and step benchmarks only).  Normalisation defaults to the
+    model's pretrained config (0.5/0.5 for the reference weights).
+    """
+    import timm
+
+    if weights is not None and pretrained:
+        raise ValueError("pass either weights=PATH or pretrained=True, not both.")
+    kwargs: dict[str, Any] = {"num_classes": 0, "drop_rate": 0.0, "drop_path_rate": 0.0}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model '{name}'; list candidates with timm.list_models('vit_*').")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # network / hub failures when offline
+        if pretrained:
+            raise RuntimeError(
+                f"could not download pretrained weights for '{name}' ({type(err).__name__}: {err}). "
+                "This machine looks offline: pass weights=PATH (CLI: --weights FILE) with a local "
+                ".safetensors/.pth/.npz file instead."
+            ) from err
+        raise
+    if weights is not None:
+        _load_weights(model, weights)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    if mean is None:
+        mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))  # type: ignore[assignment]
+    if std is None:
+        std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))  # type: ignore[assignment]
+    assert mean is not None and std is not None
+    vit = FrozenViT(model, name=name, score_layer=score_layer, mean=mean, std=std)
+    vit.spec = {
+        "name": name,
+        "weights": str(Path(weights).resolve()) if weights is not None else None,
+        "pretrained": pretrained,
+        "img_size": vit.info.img_size,
+        "patch_size": vit.info.patch_size,
+        "score_layer": score_layer,
+        "mean": list(vit.info.mean),
+        "std": list(vit.info.std),
+    }
+    return vit

@@ -1,0 +1,55 @@
+"""``edgecl`` command line: one subcommand per module in :mod:`edgecl.commands`.
+
+Each command module exposes ``register(subparsers)`` (adds its parser and sets ``func``) and keeps its
+own imports lazy, so ``edgecl --help`` stays fast on a Jetson.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("train", "bench", "serve", "export", "predict", "doctor", "plan")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="edgecl",
+        description="On-device continual learning: CPS-Prompt with DPCT over a frozen ViT, under a memory budget.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"edgecl.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"edgecl.commands.{name}":
+                continue  # command not built in this version
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgecl`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"edgecl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""CODA-Prompt: attention-weighted prompt components as prefixes in layers 0–4 (Smith et al., CVPR 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from edgecl.backbone import FrozenViT
+from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.layers import CodaPromptPool
+from edgecl.methods.registry import register_method
+
+__all__ = ["CodaPrompt", "CodaPromptConfig"]
+
+
+@dataclass
+class CodaPromptConfig(MethodConfig):
+    """CODA-Prompt settings; defaults from the CPS-Prompt port of CODA (digest §3, §9)."""
+
+    layers: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Prefix-tuned blocks [CODA zoo.py e_layers / cps-prompt e_prompt_layer_idx]."""
+    pool_size: int = 100
+    """Components, split evenly over ``expected_tasks`` [--prompt_param 100 8 0.0]."""
+    prompt_length: int = 8
+    """Prefix length: first half keys, second half values [--prompt_param]."""
+    ortho_mu: float = 0.0
+    """Orthogonality penalty weight; 0 as CODA's README / issue #12 (Gram–Schmidt init suffices)."""
+
+    def validate(self) -> None:
+        """Check the shared fields and the pool split."""
+        super().validate()
+        if self.pool_size % self.expected_tasks:
+            raise ValueError(
+                f"pool_size={self.pool_size} must be divisible by expected_tasks={self.expected_tasks}"
+            )
+        if self.prompt_length < 2 or self.prompt_length % 2:
+            raise ValueError(f"prompt_length must be an even number >= 2, got {self.prompt_length}")
+        if self.ortho_mu < 0:
+            raise ValueError(f"ortho_mu must be >= 0, got {self.ortho_mu}")
+
+
+@register_method("coda_prompt")
+class CodaPrompt(Method):
+    """Prefix prompts composed from the query CLS feature; earlier tasks' components frozen."""
+
+    Config = CodaPromptConfig
+    cfg: CodaPromptConfig
+
+    def __init__(self, backbone: FrozenViT, cfg: CodaPromptConfig) -> None:
+        super().__init__(backbone, cfg)
+        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
+        if bad:
+            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
+        self.prompt = CodaPromptPool(
+            backbone.embed_dim,
+            layers=tuple(cfg.layers),
+            pool_size=cfg.pool_size,
+            length=cfg.prompt_length,
+            num_tasks=cfg.expected_tasks,
+            ortho_mu=cfg.ortho_mu,
+        )
+
+    def pool_bound_to_tasks(self) -> bool:
+        """The pool is pre-split over ``expected_tasks``."""
+        return True
+
+    def begin_task(self, task: TaskInfo) -> None:
+        """Grow the head and Gram–Schmidt-initialise this task's components."""
+        super().begin_task(task)
+        self.prompt.set_task(task.index, reinit=True)
+
+    def prompted(self, x: Tensor, train: bool, keep: Tensor | None = None, query: Tensor | None = None) -> Tensor:
+        """The prompted pass (optionally on a patch subset) with prompts from the query CLS feature."""
+        if query is None:
+            query = self.backbone.query(x).cls
+        return self.backbone(x, prefixes=self.prompt.prefixes(query, train=train), keep=keep)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Inference: full patches, all components learned so far."""
+        return self.prompted(x, train=False)
+
+    def train_features(self, x: Tensor, phase: Phase) -> Tensor:
+        """Training: earlier components detached, the current task's trainable."""
+        return self.prompted(x, train=True)
+
+    def extra_loss(self) -> Tensor | None:
+        """CODA's orthogonality penalty (off by default)."""
+        return self.prompt.ortho_loss()
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Also remember which task's components are current."""
+        return {**super().checkpoint_meta(), "prompt_task": self.prompt.task}
+
+    def load_checkpoint_meta(self, state: dict[str, Any]) -> None:
+        """Restore the current task of the pool without re-initialising it."""
+        super().load_checkpoint_meta(state)
+        self.prompt.set_task(int(state.get("prompt_task", 0)), reinit=False)

@@ -1,0 +1,71 @@
+"""Method registry: ``@register_method`` entry points and one factory, as timm's ``create_model``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from edgecl.backbone import FrozenViT
+from edgecl.methods.base import Method, MethodConfig
+
+__all__ = ["build_config", "create_method", "get_method_class", "list_methods", "register_method"]
+
+_REGISTRY: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator that registers a :class:`Method` subclass under ``name``."""
+
+    def wrap(cls: M) -> M:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method '{name}' is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _ensure_builtin() -> None:
+    import edgecl.methods  # noqa: F401  (importing the package registers the built-in methods)
+
+
+def list_methods() -> list[str]:
+    """Registered method names, sorted."""
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; a ``ValueError`` lists the valid names otherwise."""
+    _ensure_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> MethodConfig:
+    """The method's config dataclass with ``overrides`` applied; unknown keys are an error naming them."""
+    cls = get_method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method '{name}'; valid options: {', '.join(sorted(fields))}"
+        )
+    for key, value in list(overrides.items()):
+        default = getattr(cls.Config(), key)
+        if isinstance(default, tuple) and isinstance(value, list):
+            overrides[key] = tuple(value)
+    cfg = cls.Config(**overrides)
+    cfg.validate()
+    return cfg
+
+
+def create_method(name: str, backbone: FrozenViT, overrides: Mapping[str, Any] | None = None) -> Method:
+    """Build method ``name`` over ``backbone`` with its config defaults plus ``overrides``."""
+    return get_method_class(name)(backbone, build_config(name, overrides))
