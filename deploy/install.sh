@@ -86,7 +86,14 @@ CACHE=$ROOT/var/cache/edgecl
 VENV_DIR=$ROOT$VENV
 CHANGED=0
 
-have_group() { getent group "$1" >/dev/null 2>&1; }
+# A group exists on the target: the staged root's /etc/group when --prefix has one, else this machine's.
+have_group() {
+    if [[ -n $ROOT && -f $ROOT/etc/group ]]; then
+        grep -q "^$1:" "$ROOT/etc/group"
+    else
+        getent group "$1" >/dev/null 2>&1
+    fi
+}
 
 # Hash of what the venv holds (every distribution's version, and edgecl's RECORD with its file hashes), so a
 # rerun that installs nothing new does not restart the service.

@@ -58,6 +58,10 @@ class TrainConfig:
     """``fp32``, ``bf16`` or ``fp16`` autocast for the forward passes."""
     num_workers: int = 0
     checkpoint_dir: str | None = None
+    """Resumable state, committed after every epoch."""
+    model_dir: str | None = None
+    """The last *finished* model (no optimizer), committed when a task completes: what predict/export
+    and the daemon serve, never a half-trained task."""
     progress: bool = False
     max_tasks: int | None = None
     """Stop after this many tasks of the stream (the daemon trains one task per job step)."""
@@ -277,7 +281,10 @@ class Trainer:
         }
 
     def save(self, t: int, epochs_done: int, task_complete: bool) -> None:
-        """Commit a checkpoint of the current state (no-op without ``checkpoint_dir``)."""
+        """Commit a checkpoint of the current state (and the finished model when ``task_complete``)."""
+        if task_complete and self.config.model_dir:
+            model_tensors = {f"method.{k}": v for k, v in self.method.trainable_state_dict().items()}
+            ckpt.save_checkpoint(self.config.model_dir, self._meta(t, epochs_done, True), model_tensors)
         if not self.config.checkpoint_dir:
             return
         tensors = {f"method.{k}": v for k, v in self.method.trainable_state_dict().items()}
