@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check edgecl tests benchmarks
 
 check-deploy: $(STAMP)
-	$(PY) -m pytest -q tests/test_deploy.py
+	$(PY) -m pytest -q tests/test_deploy.py tests/test_doctor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

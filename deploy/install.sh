@@ -167,7 +167,10 @@ uninstall() {
             systemctl disable --now "$UNIT_NAME" || log "systemctl disable failed; continuing"
         fi
     fi
-    rm -rf -- "$DROPIN_DIR"
+    if [[ -d $DROPIN_DIR ]]; then
+        rm -rf -- "$DROPIN_DIR"
+        log "removed $DROPIN_DIR"
+    fi
     if [[ -f $UNIT ]]; then
         rm -f -- "$UNIT"
         log "removed $UNIT"
@@ -250,7 +253,7 @@ ENV_FILE=$ETC/edgecl.env
 if [[ -e $ENV_FILE ]]; then
     log "kept $ENV_FILE (exists)"
 else
-    sed "s/^EDGECL_PROFILE=.*/EDGECL_PROFILE=$PROFILE/" "$SRC/deploy/edgecl.env.example" | put_file "$ENV_FILE" 0640
+    put_file "$ENV_FILE" 0640 < <(sed "s/^EDGECL_PROFILE=.*/EDGECL_PROFILE=$PROFILE/" "$SRC/deploy/edgecl.env.example")
 fi
 if [[ $DO_SYSTEM -eq 1 ]]; then
     chown "root:$SERVICE_USER" "$ENV_FILE"
@@ -299,18 +302,27 @@ if [[ $DO_PIP -eq 1 ]]; then
                 "torchvision==0.23.0 (see docs/deploy.md); PyPI's torch has no Jetson GPU support"
         fi
         [[ -f $VENV_DIR/pyvenv.cfg ]] || "$PYTHON" -m venv --system-site-packages "$VENV_DIR"
-        # Pin what the system already has so pip can neither replace the L4T torch nor the numpy it was
-        # built against, and keep the jetson-stats client at the version of the host's jtop service.
+        # Pin what the system already has so pip cannot replace the L4T torch, keep NumPy 1.x when torch
+        # runs on it, and keep the jetson-stats client at the version of the host's jtop service.
         constraints=$(mktemp)
         trap 'rm -f "$constraints"' EXIT
-        "$VENV_DIR/bin/python" - >"$constraints" <<'PY'
+        "$VENV_DIR/bin/python" -I - >"$constraints" <<'PY'
 from importlib import metadata
 
-for dist in ("torch", "torchvision", "numpy", "jetson-stats"):
+
+def version(dist: str) -> str | None:
     try:
-        print(f"{dist}=={metadata.version(dist)}")
+        return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        pass
+        return None
+
+
+for dist in ("torch", "torchvision", "jetson-stats"):
+    if version(dist):
+        print(f"{dist}=={version(dist)}")
+numpy = version("numpy")
+if numpy and int(numpy.split(".")[0]) < 2:
+    print("numpy<2")
 PY
         "$VENV_DIR/bin/python" -m pip "${pip_args[@]}" -c "$constraints" "${SRC}[jetson]"
     else
@@ -327,9 +339,10 @@ PY
 fi
 
 # 6. Unit and its group drop-in.
-sed "s#^ExecStart=$DEFAULT_VENV/bin/edgecl #ExecStart=$VENV/bin/edgecl #" "$SRC/deploy/$UNIT_NAME" \
-    | put_file "$UNIT" 0644
-{
+# put_file reads from process substitutions, not pipes, so that it runs in this shell and CHANGED sticks.
+put_file "$UNIT" 0644 < <(sed "s#^ExecStart=$DEFAULT_VENV/bin/edgecl #ExecStart=$VENV/bin/edgecl #" \
+    "$SRC/deploy/$UNIT_NAME")
+groups_dropin() {
     echo "# Written by deploy/install.sh: the supplementary groups that exist on this machine."
     echo "# Rerun install.sh after adding a group (e.g. jtop from jetson-stats)."
     echo "[Service]"
@@ -337,7 +350,8 @@ sed "s#^ExecStart=$DEFAULT_VENV/bin/edgecl #ExecStart=$VENV/bin/edgecl #" "$SRC/
     if [[ ${#present_groups[@]} -gt 0 ]]; then
         echo "SupplementaryGroups=${present_groups[*]}"
     fi
-} | put_file "$DROPIN_DIR/10-groups.conf" 0644
+}
+put_file "$DROPIN_DIR/10-groups.conf" 0644 < <(groups_dropin)
 
 # 7. Enable and start.
 if [[ $DO_SYSTEM -eq 1 ]]; then

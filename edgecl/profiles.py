@@ -1,24 +1,32 @@
 """Device profiles: YAML files that say how much memory edgecl may use and how it trains there.
 
 A profile is looked up by path, or by name in ``$EDGECL_PROFILES_DIR``, ``/etc/edgecl/profiles`` and
-the repository's ``profiles/`` folder. Unknown keys and bad values are errors that name the key.
+the repository's ``profiles/`` folder. Unknown keys and bad values are errors that name the key
+(``method_options`` keys are checked against the method's config, e.g. ``method_options.reduction_rate``).
+Memory figures are MiB (2**20 bytes), written "MB" throughout edgecl.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["Profile", "load_profile", "profile_search_path", "list_profiles"]
+__all__ = ["MEMORY_SCOPES", "Profile", "list_profiles", "load_profile", "profile_search_path"]
 
-_PRECISIONS = {"fp32", "bf16", "fp16", "auto"}
-_DEVICES = {"auto", "cpu", "cuda"}
-_ENGINES = {"torch", "onnxruntime"}
+_PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+_DEVICES = ("auto", "cpu", "cuda")
+_ENGINES = ("torch", "onnxruntime")
+MEMORY_SCOPES = ("auto", "rss", "cuda", "unified")
+"""What the budget covers: ``rss`` = peak process RSS (CPU), ``cuda`` = peak CUDA allocated (discrete GPU;
+RSS reported separately), ``unified`` = RSS plus CUDA memory (Jetson: CPU and GPU share DRAM), ``auto`` =
+``rss`` on CPU, ``unified`` on an integrated GPU, ``cuda`` on a discrete one."""
 
 
 @dataclass
@@ -30,9 +38,16 @@ class Profile:
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     memory_budget_mb: float | None = None
-    """What edgecl may use, whole process (see README "Memory budget"); None = no budget."""
+    """What edgecl may use, whole process (see ``memory_scope``); None = no budget."""
+    memory_scope: str = "auto"
+    """What the budget covers, one of :data:`MEMORY_SCOPES`."""
+    headroom_mb: float | None = None
+    """Safety margin the planner keeps below the budget; None = automatic (see ``edgecl.budget``)."""
+    tune_allocator: bool = True
+    """Let the planner fix glibc's mmap threshold so freed tensors go back to the OS (RSS tracks live
+    tensors, which makes the peak predictable); no effect on other C libraries."""
     precision: str = "fp32"
-    """``fp32``, ``bf16``, ``fp16`` or ``auto`` (the planner may lower precision to fit the budget)."""
+    """``fp32``, ``bf16``, ``fp16`` or ``auto`` (fp32, lowered by the planner only to fit the budget)."""
     allow_autocast: bool = True
     """Whether the planner may switch to bf16/fp16 autocast to fit the budget."""
     method: str = "cps_prompt"
@@ -41,6 +56,8 @@ class Profile:
     max_reduction_rate: float = 0.75
     """Highest CPS reduction rate r the planner may choose to fit the budget."""
     batch_size: int = 16
+    eval_batch_size: int = 64
+    """Batch of evaluation and phase-2 feature caching (the planner may lower it to fit the budget)."""
     epochs: int = 5
     threads: int | None = None
     """torch intra-op threads; None keeps torch's default."""
@@ -58,37 +75,132 @@ class Profile:
     source: str = ""
     """Where the profile was read from (filled by the loader)."""
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending key."""
-        if self.device not in _DEVICES:
-            raise ValueError(f"profile key 'device' must be one of {sorted(_DEVICES)}, got {self.device!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(
-                f"profile key 'precision' must be one of {sorted(_PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+    def validate(self, check_method: bool = False) -> None:
+        """Raise ``ValueError`` naming the offending key; ``check_method`` also builds the method config
+        (imports torch) so unknown or bad ``method_options`` are caught before training."""
+        _check_types(self)
+        _check_choice("device", self.device, _DEVICES)
+        _check_choice("precision", self.precision, _PRECISIONS)
+        _check_choice("memory_scope", self.memory_scope, MEMORY_SCOPES)
+        _check_choice("inference_engine", self.inference_engine, _ENGINES)
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
             raise ValueError(f"profile key 'memory_budget_mb' must be > 0, got {self.memory_budget_mb}")
+        if self.headroom_mb is not None and not self.headroom_mb >= 0:
+            raise ValueError(f"profile key 'headroom_mb' must be >= 0, got {self.headroom_mb}")
         if not 0.0 <= self.max_reduction_rate < 1.0:
             raise ValueError(f"profile key 'max_reduction_rate' must be in [0, 1), got {self.max_reduction_rate}")
-        for key in ("batch_size", "epochs"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"profile key '{key}' must be >= 1, got {getattr(self, key)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"profile key 'threads' must be >= 1, got {self.threads}")
-        if self.sampler_period_s <= 0:
+        for key in ("batch_size", "eval_batch_size", "epochs", "threads", "img_size", "patch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"profile key '{key}' must be >= 1, got {value}")
+        if not self.sampler_period_s > 0:
             raise ValueError(f"profile key 'sampler_period_s' must be > 0, got {self.sampler_period_s}")
-        if self.inference_engine not in _ENGINES:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("profile key 'precision': fp16 autocast needs device cuda (use bf16 or fp32 on cpu)")
+        if self.memory_scope in ("cuda", "unified") and self.device == "cpu":
+            raise ValueError(f"profile key 'memory_scope': {self.memory_scope!r} needs a CUDA device, got cpu")
+        rate = self.method_options.get("reduction_rate")
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > self.max_reduction_rate:
             raise ValueError(
-                f"profile key 'inference_engine' must be one of {sorted(_ENGINES)}, got {self.inference_engine!r}"
+                f"profile key 'method_options.reduction_rate' ({rate}) exceeds 'max_reduction_rate' "
+                f"({self.max_reduction_rate})"
             )
-        if not isinstance(self.method_options, dict):
-            raise ValueError("profile key 'method_options' must be a mapping")
+        if check_method:
+            self.method_config()
+
+    def method_config(self) -> Any:
+        """The validated config of ``method`` with ``method_options`` (errors name the profile key)."""
+        from edgecl.methods import build_config, get_method_class
+
+        try:
+            defaults = get_method_class(self.method).Config()
+        except ValueError as err:
+            raise ValueError(f"profile key 'method': {err}") from err
+        for key, value in self.method_options.items():
+            default = getattr(defaults, key, None)
+            if default is None or value is None:
+                continue
+            kind = float if isinstance(default, float) else type(default)
+            ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+            if isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple))
+            if not ok or (isinstance(value, bool) and kind is not bool):
+                raise ValueError(
+                    f"profile key 'method_options.{key}' must be {kind.__name__} like the default "
+                    f"{default!r}, got {value!r}"
+                )
+        try:
+            return build_config(self.method, self.method_options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"profile key 'method_options': {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for results and the doctor)."""
         return dataclasses.asdict(self)
 
 
+# ---- type checks --------------------------------------------------------------------------------
+_NUMBER = (int, float)
+_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    # key: (accepted types, None allowed)
+    "name": ((str,), False),
+    "description": ((str,), False),
+    "device": ((str,), False),
+    "memory_budget_mb": (_NUMBER, True),
+    "memory_scope": ((str,), False),
+    "headroom_mb": (_NUMBER, True),
+    "tune_allocator": ((bool,), False),
+    "precision": ((str,), False),
+    "allow_autocast": ((bool,), False),
+    "method": ((str,), False),
+    "method_options": ((dict,), False),
+    "max_reduction_rate": (_NUMBER, False),
+    "batch_size": ((int,), False),
+    "eval_batch_size": ((int,), False),
+    "epochs": ((int,), False),
+    "threads": ((int,), True),
+    "backbone": ((str,), False),
+    "img_size": ((int,), True),
+    "patch_size": ((int,), True),
+    "weights": ((str,), True),
+    "sampler_period_s": (_NUMBER, False),
+    "telemetry_backends": ((list,), False),
+    "data_dir": ((str,), False),
+    "inference_engine": ((str,), False),
+    "source": ((str,), False),
+}
+
+
+def _type_name(types: tuple[type, ...], nullable: bool) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+             list: "a list"}
+    text = "a number" if types == _NUMBER else " or ".join(names[t] for t in types)
+    return text + (" or null" if nullable else "")
+
+
+def _check_types(profile: Profile) -> None:
+    for key, (types, nullable) in _TYPES.items():
+        value = getattr(profile, key)
+        if value is None and nullable:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise ValueError(f"profile key '{key}' must be {_type_name(types, nullable)}, got {value!r}")
+    if not all(isinstance(b, str) for b in profile.telemetry_backends):
+        raise ValueError(f"profile key 'telemetry_backends' must be a list of strings, got {profile.telemetry_backends!r}")
+    bad = [k for k in profile.method_options if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"profile key 'method_options' has non-string keys {bad}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"profile key '{key}' must be one of {list(choices)}, got {value!r}")
+
+
+# ---- lookup -------------------------------------------------------------------------------------
 def profile_search_path() -> list[Path]:
     """Folders searched for ``NAME.yaml``, first match wins."""
     dirs: list[Path] = []
@@ -96,7 +208,8 @@ def profile_search_path() -> list[Path]:
     if env:
         dirs.append(Path(env))
     dirs.append(Path("/etc/edgecl/profiles"))
-    dirs.append(Path(__file__).resolve().parent.parent / "profiles")
+    dirs.append(Path(__file__).resolve().parent.parent / "profiles")  # a source checkout / editable install
+    dirs.append(Path(sys.prefix) / "share" / "edgecl" / "profiles")  # a wheel install (data-files)
     return dirs
 
 
@@ -125,27 +238,30 @@ def _resolve(name_or_path: str) -> Path:
     )
 
 
-def load_profile(name_or_path: str, **overrides: Any) -> Profile:
-    """Load and validate a profile by name or path; keyword ``overrides`` (non-None) win over the file."""
+def load_profile(name_or_path: str, *, check_method: bool = True, **overrides: Any) -> Profile:
+    """Load and validate a profile by name or path; keyword ``overrides`` (non-None) win over the file.
+
+    ``check_method`` also validates ``method``/``method_options`` against the method registry (this
+    imports torch); errors always name the offending key.
+    """
     path = _resolve(name_or_path)
     with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"profile {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(Profile)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known) + sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"profile {path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
     data.setdefault("name", path.stem)
     data.update({k: v for k, v in overrides.items() if v is not None})
     data["source"] = str(path)
+    profile = Profile(**data)
     try:
-        profile = Profile(**data)
-    except TypeError as err:
+        profile.validate(check_method=check_method)
+    except ValueError as err:
         raise ValueError(f"profile {path}: {err}") from err
-    for key in ("memory_budget_mb", "max_reduction_rate", "sampler_period_s"):
-        value = getattr(profile, key)
-        if value is not None and not isinstance(value, (int, float)):
-            raise ValueError(f"profile {path}: key '{key}' must be a number, got {value!r}")
-    profile.validate()
     return profile

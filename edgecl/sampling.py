@@ -24,11 +24,18 @@ def num_kept(num_patches: int, reduction_rate: float) -> int:
 
 
 def critical_sampling(scores: Tensor, k: int, temperature: float, generator: torch.Generator | None = None) -> Tensor:
-    """Draw k patches per image without replacement from p = softmax(score / τ) (CPS)."""
+    """Draw k patches per image without replacement from p = softmax(score / τ) (CPS).
+
+    Uses the Gumbel-top-k trick: topk(score/τ + Gumbel noise) has exactly the distribution of
+    ``torch.multinomial(p, k, replacement=False)`` (the reference's draw), but stays correct when p
+    underflows to zero for small τ (multinomial then returns arbitrary zero-probability patches),
+    so τ → 0 gives top-k.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}; use sampling='topk' for τ → 0")
-    probs = torch.softmax(scores.float() / temperature, dim=-1)
-    idx = torch.multinomial(probs, k, replacement=False, generator=generator)
+    u = torch.rand(scores.shape, device=scores.device, generator=generator).clamp_(1e-20, 1.0)
+    gumbel = -torch.log(-torch.log(u))
+    idx = (scores.float() / temperature + gumbel).topk(k, dim=1).indices
     return torch.sort(idx, dim=1).values
 
 

@@ -8,6 +8,7 @@ in ``capabilities()``, so callers can report ``None`` with that reason instead o
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -113,7 +114,9 @@ class Capabilities:
         }
 
 
-def _caps(name: str, detail: str = "", reasons: Mapping[str, str] | None = None, **measured: bool) -> Capabilities:
+def _caps(
+    name: str, detail: str = "", reasons: Mapping[str, str] | None = None, **measured: bool
+) -> Capabilities:
     """Capabilities with a default reason ("<name> has no <figure>") for every unmeasured figure."""
     nouns = {
         "power_w": "power sensor",
@@ -127,9 +130,11 @@ def _caps(name: str, detail: str = "", reasons: Mapping[str, str] | None = None,
 
 
 class Backend(ABC):
-    """A sensor family; ``available()`` is cheap and never raises, ``read()`` may raise on a transient error."""
+    """A sensor family: ``available()`` is cheap and never raises; ``read()`` may raise (transient error)."""
 
     name: ClassVar[str] = "backend"
+    primary: ClassVar[tuple[str, ...]] = ()
+    """The figures this family exists to measure (their reasons explain an unavailable backend)."""
 
     def available(self) -> bool:
         """Whether this backend can measure at least one figure here."""
@@ -143,10 +148,10 @@ class Backend(ABC):
     def read(self) -> dict[str, float]:
         """Instantaneous values keyed by the module's key constants (a figure it cannot measure is absent)."""
 
-    def reset_peaks(self) -> None:
+    def reset_peaks(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Restart any peak statistic the backend keeps (a measured region is starting); default no-op."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release handles or connections; default no-op."""
 
     def describe(self) -> dict[str, Any]:
@@ -194,6 +199,7 @@ class JtopBackend(Backend):
     """
 
     name: ClassVar[str] = "jtop"
+    primary: ClassVar[tuple[str, ...]] = ("power_w", "device_memory")
 
     def __init__(self, client: Any | None = None, interval_s: float = 0.5) -> None:
         self._client = client
@@ -232,20 +238,18 @@ class JtopBackend(Backend):
             jetson = self._jetson()
             if jetson is None:
                 why = self._error or "jtop unavailable"
-                return _caps(self.name, reasons={f: why for f in FIGURES})
+                return _caps(self.name, reasons=dict.fromkeys(FIGURES, why))
             total = jtop_total_power_w(getattr(jetson, "power", None) or {})
             ram = self._ram_used_mb(jetson)
         except Exception as exc:
-            return _caps(self.name, reasons={f: f"jtop read failed: {exc}" for f in FIGURES})
+            return _caps(self.name, reasons=dict.fromkeys(FIGURES, f"jtop read failed: {exc}"))
         reasons = {
             "power_w": "jtop reports no power rails on this board",
             "energy_counter": "jtop has no energy counter (power is integrated)",
             "device_memory": "jtop reports no RAM figure",
         }
         detail = f"board power from {total[1]}" if total else ""
-        return _caps(
-            self.name, detail, reasons, power_w=total is not None, device_memory=ram is not None
-        )
+        return _caps(self.name, detail, reasons, power_w=total is not None, device_memory=ram is not None)
 
     def read(self) -> dict[str, float]:
         """Board power in W and RAM in use in MiB."""
@@ -284,19 +288,23 @@ class HwmonBackend(Backend):
     """Jetson board power read straight from the INA3221 monitor files (when the jtop service is not running).
 
     Current layout (``hwmon*``): ``in{N}_label``, ``in{N}_input`` mV, ``curr{N}_input`` mA. Older layout
-    (``iio:device*``): ``rail_name_{N}``, ``in_power{N}_input`` mW or ``in_voltage{N}_input`` × ``in_current``.
+    (``iio:device*``): ``rail_name_{N}``, ``in_power{N}_input`` mW, or ``in_voltage{N}_input`` times
+    ``in_current{N}_input``.
     """
 
     name: ClassVar[str] = "hwmon"
+    primary: ClassVar[tuple[str, ...]] = ("power_w",)
 
-    def __init__(self, root: str | Path | Sequence[str | Path] | None = None, reader: Reader = read_text) -> None:
+    def __init__(
+        self, root: str | Path | Sequence[str | Path] | None = None, reader: Reader | None = None
+    ) -> None:
         if root is None:
             self.patterns = list(DEFAULT_HWMON_GLOBS)
         elif isinstance(root, (str, Path)):
             self.patterns = [str(root)]
         else:
             self.patterns = [str(r) for r in root]
-        self._reader = reader
+        self._reader: Reader = reader or read_text
         self._rails: list[_Rail] | None = None
         self._error: str | None = None
 
@@ -333,7 +341,8 @@ class HwmonBackend(Backend):
             n = m.group(1)
             label = self._label(f)
             volt, curr = d / f"in{n}_input", d / f"curr{n}_input"
-            if label and label.upper() != "NC" and "sum" not in label.lower() and volt.exists() and curr.exists():
+            usable = label and label.upper() != "NC" and "sum" not in label.lower()
+            if usable and volt.exists() and curr.exists():
                 out.append(_Rail(label, volt=volt, curr=curr))
         for f in sorted(d.glob("in_power*_input")):
             m = re.fullmatch(r"in_power(\d+)_input", f.name)
@@ -342,9 +351,9 @@ class HwmonBackend(Backend):
         if not any(r.power for r in out):
             for f in sorted(d.glob("in_voltage*_input")):
                 m = re.fullmatch(r"in_voltage(\d+)_input", f.name)
-                curr = d / f"in_current{m.group(1)}_input" if m else None
-                if m and curr is not None and curr.exists():
-                    out.append(_Rail(self._rail_name(d, m.group(1)), volt=f, curr=curr))
+                current = d / f"in_current{m.group(1)}_input" if m else None
+                if m and current is not None and current.exists():
+                    out.append(_Rail(self._rail_name(d, m.group(1)), volt=f, curr=current))
         return out
 
     def _rail_name(self, d: Path, n: str) -> str:
@@ -391,10 +400,11 @@ class NvmlBackend(Backend):
     """
 
     name: ClassVar[str] = "nvml"
+    primary: ClassVar[tuple[str, ...]] = ("energy_counter", "power_w", "device_memory")
 
     def __init__(self, index: int | str | None = None, nvml: Any | None = None) -> None:
         self.index = index
-        self._nvml = nvml
+        self._nvml: Any = nvml  # the pynvml module (or a stand-in), imported lazily when None
         self._handle: Any = None
         self._probed = False
         self._counter = False
@@ -411,7 +421,7 @@ class NvmlBackend(Backend):
         return f"{type(exc).__name__}: {exc}"
 
     def _resolve_handle(self) -> Any:
-        """Handle of ``index``, else of the first CUDA_VISIBLE_DEVICES entry (an index or a UUID), else GPU 0."""
+        """Handle of ``index``, else of the first CUDA_VISIBLE_DEVICES entry (index or UUID), else GPU 0."""
         nvml = self._nvml
         index = self.index
         if index is None:
@@ -435,7 +445,7 @@ class NvmlBackend(Backend):
             self._handle = self._resolve_handle()
         except Exception as exc:
             why = f"NVML unavailable ({self._error_text(exc)})"
-            self._reasons = {f: why for f in FIGURES}
+            self._reasons = dict.fromkeys(FIGURES, why)
             self._handle = None
             return
         nvml, h = self._nvml, self._handle
@@ -495,40 +505,32 @@ class NvmlBackend(Backend):
         )
 
     def read(self) -> dict[str, float]:
-        """Cumulative energy in J (counter), power in W, device memory in use in MiB — whichever is supported."""
+        """Cumulative energy in J (counter), power in W, device memory used in MiB: whichever is supported."""
         self._probe()
         nvml, h = self._nvml, self._handle
         out: dict[str, float] = {}
         if h is None:
             return out
         if self._counter:
-            try:
+            with contextlib.suppress(Exception):
                 out[ENERGY_J] = float(nvml.nvmlDeviceGetTotalEnergyConsumption(h)) / 1000.0
-            except Exception:
-                pass
         if self._power_mode == "instant":
             mw = self._instant_power_mw()
             if mw is not None:
                 out[POWER_W] = mw / 1000.0
         elif self._power_mode == "usage":
-            try:
+            with contextlib.suppress(Exception):
                 out[POWER_W] = float(nvml.nvmlDeviceGetPowerUsage(h)) / 1000.0
-            except Exception:
-                pass
         if self._memory:
-            try:
+            with contextlib.suppress(Exception):
                 out[DEVICE_MEMORY_MB] = float(nvml.nvmlDeviceGetMemoryInfo(h).used) / _MIB
-            except Exception:
-                pass
         return out
 
     def close(self) -> None:
         """Shut NVML down if it was initialised."""
         if self._handle is not None and self._nvml is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
-            except Exception:
-                pass
             self._handle = None
             self._probed = False
 
@@ -545,6 +547,11 @@ def rapl_fix(path: Path | str) -> str:
         'RUN+="/bin/chmod og+r %S%p/energy_uj" (or /etc/sysfs.conf: '
         "mode class/powercap/intel-rapl:0/energy_uj = 0444)"
     )
+
+
+def _zone_order(path: Path) -> list[int]:
+    """Sort key of ``intel-rapl:0:1`` -> [0, 1] (numeric, so 10 sorts after 9)."""
+    return [int(i) for i in path.name.split(":")[1:] if i.isdigit()]
 
 
 @dataclass
@@ -567,10 +574,11 @@ class RaplBackend(Backend):
     """
 
     name: ClassVar[str] = "rapl"
+    primary: ClassVar[tuple[str, ...]] = ("energy_counter",)
 
-    def __init__(self, root: str | Path = DEFAULT_POWERCAP_ROOT, reader: Reader = read_text) -> None:
+    def __init__(self, root: str | Path = DEFAULT_POWERCAP_ROOT, reader: Reader | None = None) -> None:
         self.root = Path(root)
-        self._reader = reader
+        self._reader: Reader = reader or read_text
         self._zones: list[_Zone] | None = None
         self._error: str | None = None
 
@@ -580,7 +588,7 @@ class RaplBackend(Backend):
             return self._zones
         zones: list[_Zone] = []
         names: dict[str, str] = {}
-        entries = sorted(self.root.glob("intel-rapl:*"), key=lambda p: [int(x) for x in p.name.split(":")[1:]])
+        entries = sorted(self.root.glob("intel-rapl:*"), key=_zone_order)
         for d in entries:
             try:
                 names[d.name] = self._reader(d / "name").strip()
@@ -613,11 +621,11 @@ class RaplBackend(Backend):
         try:
             zones = self._discover()
             if not zones:
-                self._error = f"no RAPL package zones under {self.root} (not an x86 CPU, or powercap not loaded)"
+                self._error = f"no RAPL package zones under {self.root} (not x86, or powercap not loaded)"
                 return
             self.read()
         except PermissionError as exc:
-            self._error = rapl_fix(exc.filename or zones[0].energy)
+            self._error = rapl_fix(exc.filename or self.root / "intel-rapl:0" / "energy_uj")
         except (OSError, ValueError) as exc:
             self._error = f"RAPL read failed: {exc}"
 
@@ -656,6 +664,7 @@ class PsutilBackend(Backend):
     """A process's RSS and CPU time (this process by default); no power."""
 
     name: ClassVar[str] = "psutil"
+    primary: ClassVar[tuple[str, ...]] = ("process_memory",)
 
     def __init__(self, pid: int | None = None, include_children: bool = False) -> None:
         self.pid = os.getpid() if pid is None else pid
@@ -707,6 +716,7 @@ class TorchCudaBackend(Backend):
     """Peak CUDA memory of this process's PyTorch allocator, reset at the start of every measured region."""
 
     name: ClassVar[str] = "torch_cuda"
+    primary: ClassVar[tuple[str, ...]] = ("device_memory",)
 
     def __init__(self, device: int | str | None = None) -> None:
         self.device = device
@@ -789,14 +799,15 @@ def _build(
 
 
 def _why_not(backend: Backend) -> str:
-    """One line: why an unavailable backend measures nothing."""
-    reasons = dict.fromkeys(backend.capabilities().reasons.values())
+    """One line: why an unavailable backend measures nothing (the reasons of its primary figures)."""
+    caps = backend.capabilities()
+    reasons = dict.fromkeys(r for f in backend.primary if (r := caps.reason(f)))
     return "; ".join(reasons) or "unavailable"
 
 
 @dataclass
 class Detection:
-    """The backends to sample, and why each other backend was left out (for null-figure reasons and doctor)."""
+    """The backends to sample, and why each other backend was left out (for null reasons and doctor)."""
 
     backends: list[Backend]
     rejected: dict[str, str]
@@ -810,7 +821,7 @@ class Detection:
 
 
 def detect(names: Sequence[str] | None = None, **options: Any) -> Detection:
-    """Autodetect available backends (``names=None``) or build the forced list; see :func:`detect_backends`."""
+    """Autodetect the available backends (``names=None``) or build the forced list (``detect_backends``)."""
     if names is not None:
         chosen: list[Backend] = []
         for name in names:
@@ -853,4 +864,3 @@ def describe_backends(names: Sequence[str] | None = None, **options: Any) -> lis
         finally:
             backend.close()
     return out
-

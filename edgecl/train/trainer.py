@@ -304,8 +304,13 @@ class Trainer:
         meta = c.meta
         if meta.get("method") != self.method.name:
             raise ValueError(f"checkpoint {directory} is for method '{meta.get('method')}', not '{self.method.name}'")
-        if meta.get("class_order") != self.stream.class_order:
-            raise ValueError(f"checkpoint {directory} was trained on another class order / dataset")
+        saved, now = list(meta["class_order"]), self.stream.class_order
+        n = min(len(saved), len(now))
+        if saved[:n] != now[:n] or int(meta["task"]) >= len(self.stream.tasks):
+            raise ValueError(
+                f"checkpoint {directory} was trained on another class order / dataset than this stream; "
+                "a stream may only extend the checkpoint's classes with new tasks at the end"
+            )
         self.records = list(meta["records"])
         self.accuracy_matrix = [list(r) for r in meta["accuracy_matrix"]]
         st = meta.get("state", {})

@@ -1,0 +1,320 @@
+"""Hash: a shared prompt pool with task routers, HDR and HGM (Li et al., CVPR 2026, arXiv 2601.20894).
+
+A global pool of K prompt experts (a key part and a value part of length Lp per prompted layer) is shared
+by all tasks. One router per (task, layer) scores the layer's normed input tokens, ``x W_r / sqrt(D)``,
+averaged over the sequence; the Top-k experts are mixed with softmax weights over the selected scores and
+prepended to the frozen attention's keys/values (prefix tuning through :class:`LayerHooks`).
+
+History (digest §3.2-6): ``H`` counts every (sample, layer) selection of each expert in training steps.
+At the start of task t the set ``A_t`` = the ``active_set_size`` experts with the largest ``H`` is fixed
+(empty for the first task) and stored with router t.
+
+* **HDR** subtracts ``delta`` from the scores of ``A_t`` whenever router t is used (training and inference).
+* **HGM** makes the experts of ``A_t`` move ``beta`` times as far per optimizer step. Adam normalises a
+  scaled gradient away, so the *update* is scaled: θ ← θ_old + β (θ_new − θ_old) in
+  :meth:`Hash.after_optimizer_step`, with θ_old snapshotted in the step's training forward.
+
+Old routers are frozen (``requires_grad=False``: never in the task's optimizer). At inference the task
+(and so the router) of each image comes from :class:`~edgecl.methods.tii.ClassStatsTaskIdentifier` over
+the frozen CLS feature (digest §3.2-1, a closed-form HiDe-style TII).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from edgecl.backbone import FrozenViT, LayerHooks, Prefix
+from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.registry import register_method
+from edgecl.methods.tii import TII_KINDS, ClassStatsTaskIdentifier, collect_features
+
+__all__ = ["Hash", "HashConfig", "Routing", "route"]
+
+
+@dataclass
+class HashConfig(MethodConfig):
+    """Hash settings; every default tagged with its source (digest §3.2 and §3.4)."""
+
+    lr: float = 5e-4
+    """Adam learning rate [GUESS, digest §3.2-10: HiDe-Prompt script lr 0.0005]."""
+    schedule: str = "constant"
+    """[GUESS, HiDe-Prompt train_cifar100_vit.sh: --sched constant with lr 0.0005]."""
+    pool_size: int = 8
+    """K experts in the shared pool [GUESS, digest §3.2-5: parameter bound vs HiDe-Prompt]."""
+    top_k: int = 2
+    """Experts mixed per (image, layer) [GUESS, digest §3.2-5]."""
+    prompt_length: int = 5
+    """Lp of each expert's key part and value part [GUESS, digest §3.2-3/5: HiDe length 5]."""
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    """Prompted blocks, 0-based [paper-sum "layers 1–4" best; 0-based reading GUESS, digest §3.2-4]."""
+    hdr: bool = True
+    """History-aware dynamic routing on/off [paper-sum; off for the ablation rows pool / +HGM]."""
+    hgm: bool = True
+    """History-aware gradient (update) modulation on/off [paper-sum; off for pool / +HDR]."""
+    delta: float = 0.5
+    """HDR penalty on the 1/sqrt(D)-scaled scores of A_t [GUESS, digest §3.2-7]."""
+    beta: float = 0.1
+    """HGM update factor of the experts in A_t [GUESS, digest §3.2-7]."""
+    active_set_size: int | None = None
+    """|A_t|; None = ``top_k`` [GUESS, digest §3.2-6: "Top-K" read as the routing top-k]."""
+    prompt_init: str = "uniform"
+    """``uniform`` U(-1, 1) [HiDe-Prompt code peft/prompt/hide_prompt.py, prompt_init='uniform'] or
+    ``zero``."""
+    tii: str = "lda"
+    """Task-identity inference: ``lda`` (shared-covariance Gaussian classifier on frozen CLS features,
+    closed-form stand-in for HiDe's Gaussian-replay head) or ``ncm`` (cosine nearest class mean)
+    [GUESS, digest §3.2-1]."""
+    tii_shrinkage: float = 0.1
+    """Shrinkage of the pooled covariance towards tr/D·I for ``lda`` [GUESS]."""
+
+    def validate(self) -> None:
+        """Check the Hash fields."""
+        super().validate()
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if not 1 <= self.top_k <= self.pool_size:
+            raise ValueError(f"top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length must be >= 1, got {self.prompt_length}")
+        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(f"layers must be distinct non-negative block indices, got {self.layers}")
+        if self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.active_set_size is not None and not 0 <= self.active_set_size <= self.pool_size:
+            raise ValueError(
+                f"active_set_size must be in [0, {self.pool_size}] or None, got {self.active_set_size}"
+            )
+        if self.prompt_init not in {"uniform", "zero"}:
+            raise ValueError(f"prompt_init must be 'uniform' or 'zero', got {self.prompt_init!r}")
+        if self.tii not in TII_KINDS:
+            raise ValueError(f"tii must be one of {TII_KINDS}, got {self.tii!r}")
+        if not 0.0 <= self.tii_shrinkage <= 1.0:
+            raise ValueError(f"tii_shrinkage must be in [0, 1], got {self.tii_shrinkage}")
+
+
+class Routing(NamedTuple):
+    """One routing decision: scores ``B x K`` (after HDR), Top-k ``indices`` and softmax ``weights``."""
+
+    scores: Tensor
+    indices: Tensor
+    weights: Tensor
+
+
+def route(
+    x_norm: Tensor, weight: Tensor, top_k: int, penalty: Tensor | None = None, delta: float = 0.0
+) -> Routing:
+    """Score experts with ``mean_tokens(x W) / sqrt(D)``, subtract ``delta`` on ``penalty``, Top-k + softmax.
+
+    ``x_norm`` is ``B x T x D``; ``weight`` is ``D x K`` (one router) or ``B x D x K`` (a router per image);
+    ``penalty`` is a bool mask ``K`` or ``B x K`` (HDR's A_t). The token mean is taken before the linear
+    router, which equals the mean of the per-token scores.
+    """
+    d = x_norm.shape[-1]
+    mean = x_norm.mean(1)
+    if weight.dim() == 2:
+        scores = mean @ weight
+    else:
+        scores = torch.einsum("bd,bdk->bk", mean, weight)
+    scores = scores / math.sqrt(d)
+    if penalty is not None and delta:
+        scores = scores - delta * penalty.to(scores.dtype)
+    top, indices = scores.topk(top_k, dim=-1)
+    return Routing(scores, indices, top.softmax(dim=-1))
+
+
+class _HashHooks(LayerHooks):
+    """Routes each prompted layer of one prompted pass (one router per image, or the training router)."""
+
+    def __init__(self, method: Hash, tasks: Tensor | None, train_task: int | None) -> None:
+        self.method = method
+        self.tasks = tasks
+        self.train_task = train_task
+
+    def wants(self, layer: int) -> bool:
+        """Only the prompted blocks."""
+        return layer in self.method.layer_position
+
+    def prefix(self, layer: int, x_norm: Tensor) -> Prefix | None:
+        """The routed, weighted expert prompt as the layer's (key, value) prefix."""
+        return self.method.layer_prefix(layer, x_norm, self.tasks, self.train_task)
+
+
+@register_method("hash")
+class Hash(Method):
+    """Shared prompt experts, per-task per-layer routers, HDR/HGM from activation history, TII at test."""
+
+    Config = HashConfig
+    cfg: HashConfig
+
+    def __init__(self, backbone: FrozenViT, cfg: HashConfig) -> None:
+        super().__init__(backbone, cfg)
+        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
+        if bad:
+            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
+        d, k = backbone.embed_dim, cfg.pool_size
+        self.layer_position = {layer: i for i, layer in enumerate(cfg.layers)}
+        self.experts = nn.Parameter(torch.zeros(k, len(cfg.layers), 2, cfg.prompt_length, d))
+        """The pool: expert × prompted layer × (key, value) × Lp × D, one tensor (HGM scales its rows)."""
+        if cfg.prompt_init == "uniform":
+            nn.init.uniform_(self.experts, -1.0, 1.0)
+        self.routers = nn.ParameterList()
+        """Router t: prompted layer × D × K (one D×K router per task and layer, digest §3.2-2)."""
+        self.register_buffer("activation_counts", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("active_sets", torch.zeros(0, k, dtype=torch.bool))
+        self.tii = ClassStatsTaskIdentifier(d, cfg.tii, cfg.tii_shrinkage)
+        self.register_buffer("_pending", torch.zeros(k, dtype=torch.long), persistent=False)
+        self._snapshot: Tensor | None = None
+        self._metrics: dict[str, float] = {}
+        self.last_routing: dict[int, Routing] = {}
+        """The last pass's routing per prompted block (detached), for diagnostics and tests."""
+
+    activation_counts: Tensor
+    """H: (sample, layer) Top-k selections per expert in training steps, cumulative over tasks."""
+    active_sets: Tensor
+    """A_t per router (bool ``num_routers x K``), fixed when router t is created."""
+    _pending: Tensor
+    """Selections of the optimizer step in progress, committed to H in :meth:`after_optimizer_step`."""
+
+    # ---- pool state ----------------------------------------------------------------------------
+    @property
+    def num_routers(self) -> int:
+        """Routers allocated (one per task begun)."""
+        return len(self.routers)
+
+    @property
+    def active_set_size(self) -> int:
+        """|A_t|."""
+        return self.cfg.top_k if self.cfg.active_set_size is None else self.cfg.active_set_size
+
+    def _grow_routers(self, n: int) -> None:
+        """Allocate routers (``nn.Linear``-style U(±1/sqrt(D)) init [GUESS]) and A_t rows up to ``n``."""
+        d, k = self.backbone.embed_dim, self.cfg.pool_size
+        dev, dtype = self.experts.device, self.experts.dtype
+        while self.num_routers < n:
+            bound = 1.0 / math.sqrt(d)
+            w = torch.empty(len(self.cfg.layers), d, k, device=dev, dtype=dtype).uniform_(-bound, bound)
+            self.routers.append(nn.Parameter(w))
+        extra = n - int(self.active_sets.shape[0])
+        if extra > 0:
+            pad = torch.zeros(extra, k, dtype=torch.bool, device=self.active_sets.device)
+            self.active_sets = torch.cat([self.active_sets, pad])
+
+    def most_activated(self) -> Tensor:
+        """Bool mask of the ``active_set_size`` experts with the largest H (H > 0 only; ties: lower index)."""
+        h = self.activation_counts
+        order = torch.sort(h, descending=True, stable=True).indices[: self.active_set_size]
+        mask = torch.zeros_like(h, dtype=torch.bool)
+        mask[order] = True
+        return mask & (h > 0)
+
+    def protected_experts(self) -> Tensor:
+        """Indices of A_t of the current task (the experts HGM slows down)."""
+        if self.task is None or self.task.index >= self.num_routers:
+            return torch.zeros(0, dtype=torch.long, device=self.experts.device)
+        return self.active_sets[self.task.index].nonzero().flatten()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def begin_task(self, task: TaskInfo) -> None:
+        """Create router t (old ones frozen) and fix A_t from H."""
+        super().begin_task(task)
+        self._grow_routers(task.index + 1)
+        for i, router in enumerate(self.routers):
+            router.requires_grad_(i == task.index)
+        self.active_sets[task.index] = self.most_activated()
+        self._pending.zero_()
+        self._snapshot = None
+
+    def end_task(self, task: TaskInfo, loader: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Freeze router t and fit the TII class statistics on the task's frozen features."""
+        super().end_task(task, loader)
+        self.routers[task.index].requires_grad_(False)
+        feats, labels = collect_features(self.backbone.features, loader, self.experts.device)
+        self.tii.fit(feats, labels, task.index)
+        pred = self.tii.predict_task(feats)
+        self._metrics = {"task_identification_accuracy_train": float((pred == task.index).float().mean())}
+
+    # ---- routing and forward -------------------------------------------------------------------
+    def layer_prefix(
+        self, layer: int, x_norm: Tensor, tasks: Tensor | None, train_task: int | None
+    ) -> Prefix:
+        """Route block ``layer`` with router ``train_task`` (training) or each image's router ``tasks``."""
+        li = self.layer_position[layer]
+        cfg = self.cfg
+        if train_task is not None:
+            weight = self.routers[train_task][li]
+            penalty = self.active_sets[train_task]
+        else:
+            assert tasks is not None
+            weight = torch.stack([r[li] for r in self.routers])[tasks]
+            penalty = self.active_sets[tasks]
+        r = route(x_norm, weight, cfg.top_k, penalty if cfg.hdr else None, cfg.delta)
+        experts = self.experts[:, li][r.indices]  # B x k x 2 x Lp x D
+        prompt = torch.einsum("bk,bkcld->bcld", r.weights.to(experts.dtype), experts)
+        if train_task is not None:
+            self._pending += torch.bincount(r.indices.flatten(), minlength=cfg.pool_size)
+        self.last_routing[layer] = Routing(r.scores.detach(), r.indices.detach(), r.weights.detach())
+        return prompt[:, 0], prompt[:, 1]
+
+    def predict_task(self, x: Tensor) -> Tensor:
+        """TII: each image's task from the frozen CLS feature (router 0 while only one exists)."""
+        if self.num_routers <= 1 or not self.tii.fitted:
+            current = self.task.index if self.task is not None and self.num_routers > 1 else 0
+            return torch.full((x.shape[0],), current, dtype=torch.long, device=x.device)
+        tasks = self.tii.predict_task(self.backbone.features(x))
+        return tasks.clamp(0, self.num_routers - 1)
+
+    def task_features(self, x: Tensor, tasks: Tensor) -> Tensor:
+        """Prompted CLS feature with router ``tasks[i]`` for image i (oracle or inferred task ids)."""
+        return self.backbone(x, hooks=_HashHooks(self, tasks.to(x.device).long(), None))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Inference without task id: TII picks each image's router."""
+        return self.task_features(x, self.predict_task(x))
+
+    def train_features(self, x: Tensor, phase: Phase) -> Tensor:
+        """Training pass with the current router; snapshots A_t's experts for HGM first."""
+        assert self.task is not None, "begin_task was not called"
+        if self.cfg.hgm:
+            protected = self.protected_experts()
+            self._snapshot = self.experts.detach()[protected].clone() if protected.numel() else None
+        return self.backbone(x, hooks=_HashHooks(self, None, self.task.index))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Commit the step's H counts; HGM: pull A_t's experts back to θ_old + β (θ_new − θ_old)."""
+        self.activation_counts += self._pending
+        self._pending.zero_()
+        if self.cfg.hgm and self._snapshot is not None:
+            protected = self.protected_experts()
+            old = self._snapshot
+            self.experts[protected] = old + self.cfg.beta * (self.experts[protected] - old)
+        self._snapshot = None
+
+    # ---- reporting / checkpoints ---------------------------------------------------------------
+    def extra_metrics(self) -> dict[str, float]:
+        """TII accuracy on the finished task's *training* images (eval transform), over all seen tasks.
+
+        Test-set TII accuracy needs labels the evaluation API does not pass to methods; the trainer
+        callback :class:`~edgecl.methods.tii.TaskIdentificationCallback` adds it to the record.
+        """
+        return dict(self._metrics)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Also the number of routers and of TII class slots (tensor shapes to allocate on load)."""
+        return {**super().checkpoint_meta(), "routers": self.num_routers, "tii_classes": self.tii.num_classes}
+
+    def load_checkpoint_meta(self, state: dict[str, Any]) -> None:
+        """Allocate routers and TII slots so the saved tensors fit; finished tasks' routers frozen."""
+        super().load_checkpoint_meta(state)
+        self._grow_routers(int(state.get("routers", 0)))
+        for i, router in enumerate(self.routers):
+            router.requires_grad_(i >= self.num_tasks_seen)
+        self.tii.grow(int(state.get("tii_classes", 0)))

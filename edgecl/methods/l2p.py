@@ -1,0 +1,91 @@
+"""L2P++ (CODA-Prompt's L2P with prefix tuning): a shared prompt pool selected by key matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgecl.backbone import FrozenViT
+from edgecl.methods.base import Method, MethodConfig, Phase
+from edgecl.methods.registry import register_method
+
+__all__ = ["L2P", "L2PConfig"]
+
+
+@dataclass
+class L2PConfig(MethodConfig):
+    """L2P++ settings from CODA-Prompt's zoo.py (digest §9)."""
+
+    layers: tuple[int, ...] = (0,)
+    """Prefix-tuned blocks: layer 0 is CODA's L2P++; (0, 1, 2, 3, 4) gives "Deep L2P++"."""
+    pool_size: int = 30
+    """Prompts in the shared pool [CODA --prompt_param 30 20 -1]."""
+    prompt_length: int = 20
+    """Length of each prompt: first half prefix keys, second half values [CODA]."""
+    top_k: int = 5
+    """Prompts selected per image by key matching [CODA]."""
+    pull_constraint: float = 1.0
+    """Weight of the key-matching loss mean_b Σ_k (1 − cos(q, K_k)) [cps-prompt pull_constraint_coeff].
+    CODA sums over the batch; edgecl averages over it (choice: batch-size independent)."""
+
+    def validate(self) -> None:
+        """Check pool/selection sizes."""
+        super().validate()
+        if not 1 <= self.top_k <= self.pool_size:
+            raise ValueError(f"top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
+        if self.prompt_length < 2 or self.prompt_length % 2:
+            raise ValueError(f"prompt_length must be an even number >= 2, got {self.prompt_length}")
+
+
+@register_method("l2p")
+class L2P(Method):
+    """Top-k prompts from a shared pool chosen by cos(query, key); keys pulled toward their queries."""
+
+    Config = L2PConfig
+    cfg: L2PConfig
+
+    def __init__(self, backbone: FrozenViT, cfg: L2PConfig) -> None:
+        super().__init__(backbone, cfg)
+        d = backbone.embed_dim
+        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
+        if bad:
+            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
+        self.prompts = nn.ParameterDict()
+        self.keys = nn.ParameterDict()
+        for layer in cfg.layers:
+            # uniform init as CODA's tensor_prompt
+            self.prompts[str(layer)] = nn.Parameter(torch.rand(cfg.pool_size, cfg.prompt_length, d))
+            self.keys[str(layer)] = nn.Parameter(torch.rand(cfg.pool_size, d))
+        self._match_loss: Tensor | None = None
+
+    def _prefixes(self, x: Tensor, train: bool) -> dict[int, tuple[Tensor, Tensor]]:
+        q = F.normalize(self.backbone.query(x).cls, dim=1)
+        half = self.cfg.prompt_length // 2
+        out: dict[int, tuple[Tensor, Tensor]] = {}
+        loss = q.new_zeros(())
+        for layer in self.cfg.layers:
+            cos = q @ F.normalize(self.keys[str(layer)], dim=1).T  # B x M
+            top = cos.topk(self.cfg.top_k, dim=1)
+            p = self.prompts[str(layer)][top.indices]  # B x k x L x D
+            b = p.shape[0]
+            out[layer] = (p[:, :, :half].reshape(b, -1, p.shape[-1]), p[:, :, half:].reshape(b, -1, p.shape[-1]))
+            if train:
+                loss = loss + (1.0 - top.values).sum(1).mean()
+        self._match_loss = self.cfg.pull_constraint * loss if train else None
+        return out
+
+    def features(self, x: Tensor) -> Tensor:
+        """Inference: prompts selected by key matching, full patches."""
+        return self.backbone(x, prefixes=self._prefixes(x, train=False))
+
+    def train_features(self, x: Tensor, phase: Phase) -> Tensor:
+        """Training: the same selection, recording the key-matching loss."""
+        return self.backbone(x, prefixes=self._prefixes(x, train=True))
+
+    def extra_loss(self) -> Tensor | None:
+        """The key-matching (pull) loss of the last training forward."""
+        loss, self._match_loss = self._match_loss, None
+        return loss

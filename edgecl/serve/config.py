@@ -1,0 +1,268 @@
+"""Settings of ``edgecl serve``: flag, then ``EDGECL_*`` environment variable, then the service's env file,
+then the profile, then the built-in default (the order ``edgecl doctor`` checks). Empty values count as unset,
+as in systemd's ``EnvironmentFile=``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecl.data.ingest import IngestLimits
+from edgecl.profiles import Profile, load_profile
+
+__all__ = [
+    "DEFAULT_ENV_FILE",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ServeSettings",
+    "read_env_file",
+    "resolve_device",
+    "resolve_precision",
+    "resolve_settings",
+    "resolve_token",
+]
+
+log = logging.getLogger("edgecl.serve")
+
+DEFAULT_ENV_FILE = "/etc/edgecl/edgecl.env"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8470
+
+
+@dataclass
+class ServeSettings:
+    """Everything the daemon runs with, resolved and validated."""
+
+    profile: Profile
+    data_dir: Path
+    token: str
+    token_source: str
+    """``EDGECL_TOKEN`` or the token file's path (never the token itself)."""
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    allow_random_backbone: bool = False
+    """Accept ``weights: null`` (a randomly initialised backbone): tests and benchmarks only."""
+    allow_known_classes: bool = False
+    """Accept uploads whose classes an earlier task already has."""
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    max_request_bytes: int = 512 * 2**20
+    eval_fraction: float = 0.1
+    """Share of each class held out of training to measure accuracy (per upload)."""
+    max_predict_images: int = 64
+    predict_concurrency: int = 2
+    backbone_seed: int = 0
+    """Seed of the random backbone init (same weights on every start, so a resumed job stays valid)."""
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        """The torch device from the profile (``auto`` resolved)."""
+        return resolve_device(self.profile.device)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary for logs and ``/readyz`` (no secrets)."""
+        return {
+            "profile": self.profile.name,
+            "profile_source": self.profile.source,
+            "data_dir": str(self.data_dir),
+            "host": self.host,
+            "port": self.port,
+            "device": self.device,
+            "threads": self.profile.threads,
+            "memory_budget_mb": self.profile.memory_budget_mb,
+            "inference_engine": self.profile.inference_engine,
+            "weights": self.profile.weights,
+            "random_backbone": self.profile.weights is None,
+            "token_source": self.token_source,
+            "allow_known_classes": self.allow_known_classes,
+            "sources": dict(self.sources),
+        }
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str, device: str, allow_autocast: bool) -> str:
+    """``auto`` becomes bf16 (or fp16) on CUDA when autocast is allowed, else fp32."""
+    if precision != "auto":
+        return precision
+    if device != "cuda" or not allow_autocast:
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a systemd EnvironmentFile (KEY=VALUE lines, # or ; comments, optional quotes)."""
+    out: dict[str, str] = {}
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+class _Lookup:
+    """flag > environment > env file, remembering where each value came from."""
+
+    def __init__(self, environ: Mapping[str, str], env_file: Mapping[str, str], env_file_path: str) -> None:
+        self.environ = environ
+        self.env_file = env_file
+        self.env_file_path = env_file_path
+        self.sources: dict[str, str] = {}
+
+    def get(self, key: str, flag_value: Any, flag: str, env: str) -> Any | None:
+        if flag_value not in (None, ""):
+            self.sources[key] = flag
+            return flag_value
+        if self.environ.get(env):
+            self.sources[key] = f"environment {env}"
+            return self.environ[env]
+        if self.env_file.get(env):
+            self.sources[key] = f"{self.env_file_path} {env}"
+            return self.env_file[env]
+        return None
+
+
+def _default_profile_name() -> str:
+    try:
+        from edgecl.doctor import default_profile_name
+    except ImportError:
+        return "cpu"
+    return default_profile_name()
+
+
+def _number(value: Any, what: str, kind: type = float) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+
+
+def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> tuple[str, str]:
+    """(token, where it came from): ``EDGECL_TOKEN``, else the token file (created 0600 with a random token
+    when missing), else ``DATA_DIR/token`` (likewise). The file's path is logged, the token never."""
+    if token:
+        if len(token) < 16:
+            raise ValueError("EDGECL_TOKEN is shorter than 16 characters; use a long random token")
+        return token, "EDGECL_TOKEN"
+    path = Path(token_file).expanduser() if token_file else data_dir / "token"
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise ValueError(f"token file {path} is empty; delete it to have a new token generated")
+        if mode & 0o077:
+            log.warning("token file %s has mode %04o, readable by others: chmod 0600 %s", path, mode, path)
+        log.info("bearer token read from %s", path)
+        return text, str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the token file {path} ({err.strerror}); create it yourself (umask 077; "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE) or set EDGECL_TOKEN_FILE"
+        ) from err
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value + "\n")
+    os.chmod(path, 0o600)
+    log.warning(
+        "created a new bearer token in %s (mode 0600); clients send 'Authorization: Bearer <token>'", path
+    )
+    return value, str(path)
+
+
+def resolve_settings(
+    *,
+    profile: str | None = None,
+    data_dir: str | None = None,
+    host: str | None = None,
+    port: int | str | None = None,
+    memory_budget_mb: float | str | None = None,
+    weights: str | None = None,
+    env_file: str | None = DEFAULT_ENV_FILE,
+    environ: Mapping[str, str] | None = None,
+    **options: Any,
+) -> ServeSettings:
+    """Resolve every setting (see the module docstring) and the bearer token; ``options`` are the other
+    :class:`ServeSettings` fields (``allow_random_backbone``, ``limits``, ...)."""
+    environ = os.environ if environ is None else environ
+    file_values: dict[str, str] = {}
+    env_file_path = env_file or ""
+    if env_file_path and Path(env_file_path).is_file():
+        file_values = read_env_file(env_file_path)
+    look = _Lookup(environ, file_values, env_file_path)
+    profile_name = look.get("profile", profile, "--profile", "EDGECL_PROFILE")
+    if profile_name is None:
+        profile_name = _default_profile_name()
+        look.sources["profile"] = "autodetected for this machine"
+    budget = look.get("memory_budget_mb", memory_budget_mb, "--memory-budget-mb", "EDGECL_MEMORY_BUDGET_MB")
+    weights_value = look.get("weights", weights, "--weights", "EDGECL_WEIGHTS")
+    profiles_dir = look.get("profiles_dir", None, "", "EDGECL_PROFILES_DIR")
+    if profiles_dir and not environ.get("EDGECL_PROFILES_DIR"):
+        os.environ["EDGECL_PROFILES_DIR"] = str(profiles_dir)  # the profile loader reads the environment
+    prof = load_profile(
+        str(profile_name),
+        memory_budget_mb=_number(budget, "memory budget (MB)") if budget is not None else None,
+        weights=str(weights_value) if weights_value is not None else None,
+    )
+    if weights_value is None and prof.weights:
+        look.sources["weights"] = "profile"
+    allow_random = bool(options.get("allow_random_backbone"))
+    if prof.weights is None and not allow_random:
+        raise ValueError(
+            f"no backbone weights: profile {prof.name} has weights: null and neither --weights nor "
+            "EDGECL_WEIGHTS is set. Devices are offline, so copy a weights file (.safetensors/.pth/.npz) "
+            f"for {prof.backbone} and pass --weights FILE. (--allow-random-backbone runs a random ViT: "
+            "tests only.)"
+        )
+    if prof.weights is not None and not Path(prof.weights).expanduser().is_file():
+        raise ValueError(
+            f"backbone weights file not found: {prof.weights} (from {look.sources.get('weights')})"
+        )
+    dir_value = look.get("data_dir", data_dir, "--data-dir", "EDGECL_DATA_DIR")
+    if dir_value is None:
+        dir_value, look.sources["data_dir"] = prof.data_dir, "profile"
+    data_path = Path(str(dir_value)).expanduser().resolve()
+    host_value = str(look.get("host", host, "--host", "EDGECL_HOST") or DEFAULT_HOST)
+    port_value = _number(look.get("port", port, "--port", "EDGECL_PORT") or DEFAULT_PORT, "port", int)
+    if not 0 <= port_value < 65536:
+        raise ValueError(f"port {port_value} is out of range")
+    token_value = look.get("token", None, "", "EDGECL_TOKEN")
+    token_file = look.get("token_file", None, "", "EDGECL_TOKEN_FILE")
+    data_path.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(data_path).free < 256 * 2**20:
+        log.warning("less than 256 MB free in %s: uploads and checkpoints may fail", data_path)
+    token_text, token_source = resolve_token(token_value, token_file, data_path)
+    return ServeSettings(
+        profile=prof,
+        data_dir=data_path,
+        token=token_text,
+        token_source=token_source,
+        host=host_value,
+        port=port_value,
+        sources=dict(sorted(look.sources.items())),
+        **options,
+    )

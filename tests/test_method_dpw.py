@@ -1,0 +1,237 @@
+"""DPW head: CondNorm / RWM / filtering maths, the frozen-function limit, slot freezing, checkpoints, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from edgecl.backbone import FrozenViT, load_backbone
+from edgecl.data import synthetic_stream
+from edgecl.methods import create_method
+from edgecl.methods.base import Phase, TaskInfo
+from edgecl.methods.dpw import ABLATIONS, DPW, DPWLayer, cond_act
+from edgecl.train.callbacks import Callback
+from edgecl.train.model_io import load_model
+from edgecl.train.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def backbone() -> FrozenViT:
+    torch.manual_seed(0)
+    return load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
+
+
+def make(backbone: FrozenViT, **overrides: Any) -> DPW:
+    torch.manual_seed(1)
+    method = create_method("dpw", backbone, {"expected_tasks": 2, **overrides})
+    assert isinstance(method, DPW)
+    return method
+
+
+def layer0(method: DPW) -> DPWLayer:
+    mod = method.dpw["0"]
+    assert isinstance(mod, DPWLayer)
+    return mod
+
+
+# ---- maths -------------------------------------------------------------------------------------
+
+
+def test_cond_norm_caps_sum_and_keeps_small_sums() -> None:
+    torch.manual_seed(0)
+    s = torch.randn(4, 3, 17, 8) * 3 + torch.linspace(-6, 2, 17).view(1, 1, 17, 1)
+    g, delta = cond_act(s)
+    a = torch.sigmoid(s)
+    sums = a.sum(-1)
+    small = sums < 1
+    assert small.any() and (~small).any()
+    assert bool((g.sum(-1) <= 1 + 1e-6).all())
+    assert torch.equal(g[small], a[small])
+    assert torch.allclose(g.sum(-1)[~small], torch.ones_like(sums[~small]), atol=1e-6)
+    assert torch.equal(delta.squeeze(-1) == 0, sums <= 1)
+
+
+def test_rwm_delta_scales_adapter(backbone: FrozenViT) -> None:
+    method = make(backbone).eval()
+    mod = layer0(method)
+    with torch.no_grad():
+        mod.slots[0].bg.normal_(-1.0, 1.5)  # some tokens above, some below a sigmoid sum of 1
+        mod.slots[0].prefix.zero_()  # leave only the adapter term
+    x = torch.randn(2, method.seq_len, backbone.embed_dim)
+    with torch.no_grad():
+        s = mod.scores(0, x)
+        _, delta = cond_act(s)
+        out = mod.term(0, x)
+        z = mod.adapter(0, x)
+    sums = torch.sigmoid(s).sum(-1)  # B x h' x N
+    assert (sums <= 1).any() and (sums > 1).any()
+    assert torch.equal(delta.squeeze(-1) == 0, sums <= 1)
+    h, d = method.prefix_heads, backbone.embed_dim
+    o = out.view(2, -1, h, d // h).transpose(1, 2)  # B x h' x N x d/h'
+    zh = z.view(2, -1, h, d // h).transpose(1, 2)
+    assert torch.allclose(o, zh * delta, atol=1e-6)
+    assert bool((o[(sums <= 1)] == 0).all())
+
+
+def test_cond_filter_removes_atypical_prefixes_only_for_gated_samples(backbone: FrozenViT) -> None:
+    mod = layer0(make(backbone).eval())
+    with torch.no_grad():
+        mod.slots[0].bg.fill_(0.0)
+        mod.cls_mu[0] = 1e3  # every CLS score is far from the mean: cutoff ≈ 1
+        mod.cls_var[0] = 1e-3
+        mod.cls_fitted[0] = True
+    x = torch.randn(2, mod.tokens, mod.dim)
+    s = mod.scores(0, x)
+    g_plain, _ = mod.weights(s, 0, None)
+    g, delta = mod.weights(s, 0, torch.tensor([True, False]))
+    assert bool((g[0] == 0).all()) and torch.equal(g[1], g_plain[1])
+    assert delta is not None and torch.equal(delta, cond_act(s)[1])  # Δ from the unfiltered sums
+
+
+def test_very_negative_bias_reproduces_frozen_backbone(backbone: FrozenViT) -> None:
+    method = make(backbone).eval()
+    for mod in method.dpw.values():
+        with torch.no_grad():
+            mod.slots[0].bg.fill_(-100.0)  # type: ignore[union-attr,index]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(method.train_features(x, Phase.JOINT), backbone.features(x), atol=1e-4)
+
+
+def test_token_count_mismatch_is_a_clear_error(backbone: FrozenViT) -> None:
+    method = make(backbone)
+    x = torch.randn(1, 3, 32, 32)
+    keep = torch.arange(8).unsqueeze(0)
+    from edgecl.methods.dpw import _DPWHooks
+
+    with pytest.raises(ValueError, match="tokens"):
+        backbone(x, keep=keep, hooks=_DPWHooks(method.dpw, 0))
+
+
+def test_config_validation_and_ablations(backbone: FrozenViT) -> None:
+    with pytest.raises(ValueError, match="rwm"):
+        make(backbone, activation="softmax", rwm=True)
+    with pytest.raises(ValueError, match="divide"):
+        make(backbone, prefix_heads=5)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([0, 1])
+    for name, overrides in ABLATIONS.items():
+        method = make(backbone, layers=(0, 11), **overrides)
+        method.begin_task(TaskInfo(0, [0, 1], 0))
+        method.train()
+        loss = method.training_loss(x, y, Phase.JOINT)
+        loss.backward()
+        grads = [p.grad for p in method.trainable_parameters(Phase.JOINT)]
+        assert all(g is not None for g in grads), name
+        if not overrides["rwm"]:
+            assert not hasattr(method.dpw["0"].slots[0], "up_w")
+
+
+# ---- training, freezing, checkpoints, resume -----------------------------------------------------
+
+STREAM = {"classes_per_task": 2, "per_class": 16}
+TCFG = {"epochs": 2, "batch_size": 16}
+
+
+class Snapshot(Callback):
+    """Copies slot 0, its statistics and task 0's head rows when task 0 ends."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_task_end(self, trainer: Trainer, task: int, record: dict[str, Any]) -> None:
+        if task == 0:
+            self.state = slot0_state(trainer.method)  # type: ignore[arg-type]
+
+
+def slot0_state(method: DPW) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in method.state_dict().items() if ".slots.0." in k}
+    for k, v in method.state_dict().items():
+        if k.endswith(("cls_mu", "cls_var", "tii_mean", "tii_chol")):
+            out[k] = v[0].clone()
+    out["head.weight"] = method.head.weight[:2].detach().clone()
+    return out
+
+
+class Interrupt(Callback):
+    def on_epoch_end(self, trainer: Trainer, task: int, epoch: int, logs: dict[str, Any]) -> None:
+        if task == 1 and epoch == 0:
+            raise KeyboardInterrupt("simulated power loss")
+
+
+@pytest.fixture(scope="module")
+def trained(backbone: FrozenViT, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("dpw")
+    method = make(backbone)
+    snap = Snapshot()
+    cfg = TrainConfig(**TCFG, checkpoint_dir=str(root / "ckpt"), model_dir=str(root / "model"))
+    trainer = Trainer(method, synthetic_stream(2, **STREAM), cfg, callbacks=[snap])
+    results = trainer.fit()
+    return {"method": method, "results": results, "snapshot": snap.state, "root": root, "trainer": trainer}
+
+
+def test_end_to_end_two_tasks(trained: dict[str, Any]) -> None:
+    res = trained["results"]
+    method: DPW = trained["method"]
+    assert len(res["accuracy_matrix"]) == 2 and res["final_average_accuracy"] > 0.5
+    rec = res["tasks"][-1]
+    assert 0.0 <= rec["task_identification_accuracy_train_cv"] <= 1.0
+    assert all(bool(m.cls_fitted[:2].all()) for m in method.dpw.values())  # type: ignore[union-attr]
+    assert bool(method.tii_fitted[:2].all())
+    stream = synthetic_stream(2, **STREAM)
+    tests = [torch.utils.data.DataLoader(t.test, batch_size=32) for t in stream.tasks]
+    assert method.tii_accuracy(x for dl in tests for x in dl) > 0.5
+    # ensemble pruning keeps top-1 exactly; argmax mode gives the same shape
+    x = torch.stack([stream.tasks[j].test[i][0] for j in range(2) for i in range(4)])
+    with torch.no_grad():
+        pruned = method(x)
+        method.cfg.ensemble_prune = False
+        full = method(x)
+        method.cfg.inference = "argmax"
+        one_pass = method(x)
+    method.cfg.ensemble_prune, method.cfg.inference = True, "ensemble"
+    assert torch.equal(pruned.argmax(1), full.argmax(1))
+    assert one_pass.shape == full.shape and torch.isfinite(full).all()
+
+
+def test_earlier_slot_bit_identical_and_frozen(trained: dict[str, Any]) -> None:
+    method: DPW = trained["method"]
+    after = slot0_state(method)
+    before = trained["snapshot"]
+    assert before.keys() == after.keys() and len(before) > 10
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert not any(p.requires_grad for p in method.slot_parameters(0))
+    opt_params = {id(p) for g in trained["trainer"].optimizer.param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in method.slot_parameters(0)}
+    assert {id(p) for p in method.slot_parameters(1)} <= opt_params
+
+
+def test_statistics_survive_save_and_load(trained: dict[str, Any], backbone: FrozenViT) -> None:
+    method: DPW = trained["method"]
+    loaded = load_model(trained["root"] / "model", backbone=backbone).method
+    assert isinstance(loaded, DPW)
+    for key, value in method.state_dict().items():
+        if key.endswith(("cls_mu", "cls_var", "cls_fitted", "tii_mean", "tii_chol", "tii_fitted")):
+            assert torch.equal(value, loaded.state_dict()[key]), key
+    assert bool(layer0(loaded).cls_fitted[1]) and float(layer0(loaded).cls_var[1].sum()) > 0
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(method(x), loaded(x), atol=1e-6)
+
+
+def test_resume_matches_uninterrupted(trained: dict[str, Any], backbone: FrozenViT, tmp_path: Path) -> None:
+    cfg = TrainConfig(**TCFG, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make(backbone), synthetic_stream(2, **STREAM), cfg, callbacks=[Interrupt()]).fit()
+    resumed = Trainer(make(backbone), synthetic_stream(2, **STREAM), cfg)
+    res = resumed.fit(resume_from=tmp_path / "ckpt")
+    ref = trained["results"]
+    for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting"):
+        assert res[key] == pytest.approx(ref[key], abs=1e-6)
+    assert res["accuracy_matrix"] == pytest.approx(ref["accuracy_matrix"], abs=1e-6)
+    for k, v in trained["method"].trainable_state_dict().items():
+        assert torch.allclose(v.float(), resumed.method.trainable_state_dict()[k].float(), atol=1e-6), k
