@@ -49,7 +49,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ from edgecl.train.callbacks import Callback
 
 if TYPE_CHECKING:
     from edgecl.profiles import Profile
-    from edgecl.train.trainer import Trainer, TrainConfig
+    from edgecl.train.trainer import TrainConfig, Trainer
 
 __all__ = [
     "BudgetError",
@@ -547,290 +547,359 @@ def plan_training(
     num_classes: int = 100,
     task_index: int | None = None,
     train_images_per_task: int | None = None,
-    tune_allocator_: bool | None = None,
+    tune_malloc: bool | None = None,
     verify: bool = True,
 ) -> Plan:
     """Plan micro-batch, reduction rate and precision so that training ``method`` fits the budget.
 
-    ``budget`` is a :class:`~edgecl.profiles.Profile` (its budget, precision, ``max_reduction_rate``,
-    ``allow_autocast``, eval batch, scope, headroom and batch size are the defaults) or a number of MB;
-    keyword arguments win over the profile (``budget_mb`` over its budget). Call it after everything the
-    run needs is imported and loaded (the idle baseline is the RSS now) and before training; it leaves
-    ``method`` and the RNG state untouched (probes run on a copy sharing the frozen backbone). Raises
-    :class:`BudgetError` (a ``ValueError``) stating the smallest budget that would work if nothing fits.
+    ``budget`` is a :class:`~edgecl.profiles.Profile` (its budget, batch size, precision,
+    ``max_reduction_rate``, ``allow_autocast``, eval batch, scope, headroom and ``tune_allocator`` are the
+    defaults) or a number of MB; keyword arguments win over the profile (``budget_mb`` over its budget).
+    ``num_classes`` (all classes of the stream) and ``train_images_per_task`` size the head and the
+    phase-2 cache. Call it after everything the run needs is imported and loaded (the idle baseline is
+    the RSS now) and before training. It leaves ``method`` and the RNG state untouched: probes run on a
+    copy that shares the frozen backbone. Raises :class:`BudgetError` (a ``ValueError``) stating the
+    smallest budget that would work if nothing fits.
     """
     t_start = time.perf_counter()
-    profile = None if budget is None or isinstance(budget, (int, float)) else budget
-    if budget_mb is None:
-        budget_mb = float(budget) if isinstance(budget, (int, float)) else (profile.memory_budget_mb if profile else None)
-    batch_size = batch_size or (profile.batch_size if profile else 16)
-    precision = precision or (profile.precision if profile else "fp32")
-    max_rate = max_reduction_rate if max_reduction_rate is not None else (profile.max_reduction_rate if profile else 0.75)
-    autocast_ok = allow_autocast if allow_autocast is not None else (profile.allow_autocast if profile else True)
-    eval_bs = eval_batch_size or (profile.eval_batch_size if profile else 64)
-    headroom_fixed = headroom_mb if headroom_mb is not None else (profile.headroom_mb if profile else None)
-    do_tune = tune_allocator_ if tune_allocator_ is not None else (profile.tune_allocator if profile else True)
+    prof = None if budget is None or isinstance(budget, (int, float)) else budget
+
+    def pick(value: Any, key: str, default: Any) -> Any:
+        if value is not None:
+            return value
+        return getattr(prof, key) if prof is not None else default
+
+    if budget_mb is None and isinstance(budget, (int, float)):
+        budget_mb = float(budget)
+    budget_mb = pick(budget_mb, "memory_budget_mb", None)
+    batch_size = int(pick(batch_size, "batch_size", 16))
+    max_rate = float(pick(max_reduction_rate, "max_reduction_rate", 0.75))
+    configured_rate = getattr(method.cfg, "reduction_rate", None)
+    if configured_rate is not None:
+        max_rate = max(max_rate, float(configured_rate))
     if device is None:
-        device = profile.device if profile and profile.device != "auto" else next(method.parameters()).device
-        if str(device) == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = prof.device if prof is not None and prof.device != "auto" else next(method.parameters()).device
     dev = torch.device(device)
-    scope = _resolve_scope(memory_scope or (profile.memory_scope if profile else "auto"), dev)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if budget_mb is not None and budget_mb <= 0:
         raise ValueError(f"memory budget must be > 0 MB, got {budget_mb}")
-    configured_rate = getattr(method.cfg, "reduction_rate", None)
-    if configured_rate is not None and max_rate < configured_rate:
-        max_rate = float(configured_rate)
-
-    if do_tune:
+    if pick(tune_malloc, "tune_allocator", True):
         tune_allocator()
     method.to(dev)
-    decisions: list[str] = []
+    scope = _resolve_scope(pick(memory_scope, "memory_scope", "auto"), dev)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         prober = _Prober(method, dev, num_classes, task_index, "reserved" if scope == "unified" else "allocated")
         try:
-            return _search(
-                method, prober, dev, scope, budget_mb, batch_size, precision, autocast_ok, max_rate, eval_bs,
-                headroom_fixed, train_images_per_task, verify, decisions, t_start,
+            planner = _Planner(
+                method, prober, scope, budget_mb, batch_size, headroom=pick(headroom_mb, "headroom_mb", None),
+                eval_batch_size=int(pick(eval_batch_size, "eval_batch_size", 64)),
+                train_images=train_images_per_task, verify=verify,
             )
+            precisions = _precisions(pick(precision, "precision", "fp32"),
+                                     bool(pick(allow_autocast, "allow_autocast", True)), dev)
+            plan = planner.plan(precisions, _reduction_rates(method, max_rate))
         finally:
             prober.close()
+    plan.planning_seconds = time.perf_counter() - t_start
+    return plan
 
 
-def _search(
-    method: Method, prober: _Prober, dev: torch.device, scope: str, budget_mb: float | None, batch: int,
-    start_precision: str, autocast_ok: bool, max_rate: float, eval_bs: int, headroom_fixed: float | None,
-    train_images: int | None, verify: bool, decisions: list[str], t_start: float,
-) -> Plan:
-    """The search behind :func:`plan_training` (probes lazily, in the order of the knobs)."""
-    cuda = dev.type == "cuda"
-    meters = ["rss", "cuda"] if cuda else ["rss"]
-    opt_name = getattr(method.cfg, "optimizer", "adam")
-    opt_mb = (2.0 if opt_name == "adam" else 0.0) * prober.trainable_bytes / MIB
-    grad_mb = prober.grad_bytes / MIB
-    input_mb = 2.0 * batch * math.prod(prober.image_shape) * 4 / MIB  # collated batch + its device copy
-    embed = method.backbone.embed_dim
-    cache_mb = (train_images or 0) * (embed * 4 + 8) / MIB if method.phase2_cacheable() else 0.0
-    weights_mb = sum(t.numel() * t.element_size() for t in [*method.backbone.parameters(), *method.backbone.buffers()])
-    probes: list[dict[str, Any]] = []
-    fits: dict[tuple[str, float | None], _Fit] = {}
-    evals: dict[tuple[str, int], dict[str, float]] = {}
-    candidates: list[dict[str, Any]] = []
-    sizes = sorted({1, min(2, batch), min(4, batch)})
+class _Planner:
+    """The search behind :func:`plan_training`: probes lazily, in the order of the knobs."""
 
-    def base(meter: str) -> float:
-        return prober.idle_rss if meter == "rss" else prober.idle_cuda
+    def __init__(
+        self, method: Method, prober: _Prober, scope: str, budget_mb: float | None, batch: int, *,
+        headroom: float | None, eval_batch_size: int, train_images: int | None, verify: bool,
+    ) -> None:
+        self.method, self.prober, self.scope, self.budget_mb, self.batch = method, prober, scope, budget_mb, batch
+        self.headroom_fixed, self.eval_bs, self.verify = headroom, eval_batch_size, verify
+        self.cuda = prober.cuda
+        self.meters = ["rss", "cuda"] if self.cuda else ["rss"]
+        self.act_meter = "cuda" if self.cuda else "rss"
+        adam = getattr(method.cfg, "optimizer", "adam") == "adam"
+        self.opt_mb = (2.0 if adam else 0.0) * prober.trainable_bytes / MIB
+        self.grad_mb = prober.grad_bytes / MIB
+        self.input_mb = 2.0 * batch * math.prod(prober.image_shape) * 4 / MIB  # collated batch + device copy
+        per_image = method.backbone.embed_dim * 4 + 8
+        self.cache_mb = (train_images or 0) * per_image / MIB if method.phase2_cacheable() else 0.0
+        self.probes: list[dict[str, Any]] = []
+        self.fits: dict[tuple[str, float | None], _Fit] = {}
+        self.eval_runs: dict[str, dict[int, dict[str, float]]] = {}
+        self.decisions: list[str] = []
+        self.candidates: list[dict[str, Any]] = []
+        idle = {"rss": prober.idle_rss, "cuda": prober.idle_cuda if self.cuda else 0.0}
+        self.idle = idle
+        self.idle_budgeted = self.budgeted(idle)
 
-    def opt_on(meter: str) -> float:
-        return opt_mb if (meter == "cuda") == cuda else 0.0
+    # ---- the model ---------------------------------------------------------------------------------
+    def on_device(self, meter: str) -> bool:
+        """Whether ``meter`` measures the training device (where tensors, gradients and state live)."""
+        return (meter == "cuda") == self.cuda
 
-    def fit_for(precision: str, rate: float | None) -> _Fit:
-        key = (precision, rate)
-        if key in fits:
-            return fits[key]
-        runs = {}
-        for m in sizes if not fits else [s for s in sizes if s > 1] or sizes:
-            res = prober.train_step(m, precision, rate)
-            runs[m] = res
-            probes.append({"kind": "train", "precision": precision, "reduction_rate": rate,
-                           **{k: round(v, 3) for k, v in res.items()}})
-        ms = sorted(runs)
-        slope, icpt, lin_err = {}, {}, None
-        for meter in meters:
-            s = {m: runs[m][f"saved_{meter}"] for m in ms}
-            if len(ms) >= 2:
-                a, b = ms[-2], ms[-1]
-                slope[meter] = max(0.0, (s[b] - s[a]) / (b - a))
-                icpt[meter] = s[a] - slope[meter] * a
-                if len(ms) >= 3 and meter == ("cuda" if cuda else "rss") and s[ms[0]] > 0:
-                    lin_err = abs(icpt[meter] + slope[meter] * ms[0] - s[ms[0]]) / s[ms[0]]
-            else:
-                slope[meter], icpt[meter] = s[ms[0]] / ms[0], 0.0
-        overhead = {
-            meter: max(0.0, max(runs[m][f"delta_{meter}"] - runs[m][f"saved_{meter}"] for m in ms)) for meter in meters
-        }
-        probed = {m: {meter: runs[m][f"delta_{meter}"] for meter in meters} for m in ms}
-        fit = _Fit(precision, rate, slope, icpt, overhead, lin_err, probed)
-        if lin_err is not None and lin_err > 0.05:
-            decisions.append(
-                f"saved activations are not linear in the micro-batch ({lin_err:.1%} off at m={ms[0]}); "
-                "the plan is verified with a probe step at the chosen micro-batch"
-            )
-        fits[key] = fit
-        return fit
+    def budgeted(self, peaks: dict[str, float]) -> float:
+        """The quantity the budget covers."""
+        if self.scope == "rss":
+            return peaks["rss"]
+        if self.scope == "cuda":
+            return peaks["cuda"]
+        return peaks["rss"] + peaks["cuda"]
 
-    def eval_inc(precision: str, bs: int) -> dict[str, float]:
-        key = (precision, bs)
-        if key not in evals:
-            res = prober.eval_step(bs, precision)
-            probes.append({"kind": "eval", "precision": precision, **{k: round(v, 3) for k, v in res.items()}})
-            evals[key] = {meter: res[f"delta_{meter}"] + grad_mb * ((meter == "cuda") == cuda) for meter in meters}
-        return evals[key]
-
-    def peaks(fit: _Fit, m: int, ev: dict[str, float], train: dict[str, float] | None = None) -> dict[str, float]:
+    def peaks(
+        self, fit: _Fit, m: int, ev: dict[str, float], measured: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Predicted peaks per meter: training at micro-batch ``m`` (or its ``measured`` increments) or
+        evaluation, whichever is higher."""
         out = {}
-        for meter in meters:
-            inc = train[meter] if train is not None else fit.train_inc(meter, m)
-            on_dev = (meter == "cuda") == cuda
-            out[meter] = base(meter) + opt_on(meter) + max(inc, ev[meter] + cache_mb * on_dev) + input_mb * on_dev
+        for meter in self.meters:
+            dev = self.on_device(meter)
+            train = measured[meter] if measured is not None else fit.train_inc(meter, m)
+            evaluation = ev[meter] + self.cache_mb * dev
+            out[meter] = self.idle[meter] + self.opt_mb * dev + max(train, evaluation) + self.input_mb * dev
         return out
 
-    def budgeted(p: dict[str, float]) -> float:
-        if scope == "rss":
-            return p["rss"]
-        if scope == "cuda":
-            return p["cuda"]
-        return p["rss"] + p["cuda"]
+    def headroom(self, peak: float) -> float:
+        """Safety margin kept below the budget: given, or max(8 MB, 10% of the peak above the idle baseline)."""
+        if self.headroom_fixed is not None:
+            return float(self.headroom_fixed)
+        return max(8.0, 0.10 * (peak - self.idle_budgeted))
 
-    idle = prober.idle_rss if scope == "rss" else (prober.idle_cuda if scope == "cuda" else prober.idle_rss + prober.idle_cuda)
+    def required(self, peak: float) -> float:
+        """The budget a predicted peak needs."""
+        return peak + self.headroom(peak)
 
-    def headroom(peak: float) -> float:
-        return headroom_fixed if headroom_fixed is not None else max(8.0, 0.10 * (peak - idle))
+    def fits_budget(self, peak: float) -> bool:
+        """Whether a predicted peak plus headroom is within the budget."""
+        return self.budget_mb is None or self.required(peak) <= self.budget_mb
 
-    def fits_budget(peak: float) -> bool:
-        return budget_mb is None or peak + headroom(peak) <= budget_mb
+    # ---- probes -------------------------------------------------------------------------------------
+    def _record(self, kind: str, precision: str, rate: float | None, res: dict[str, float]) -> None:
+        entry: dict[str, Any] = {"kind": kind, "precision": precision}
+        if kind != "eval":
+            entry["reduction_rate"] = rate
+        entry.update({k: round(v, 3) for k, v in res.items()})
+        self.probes.append(entry)
 
-    def required(peak: float) -> float:
-        return peak + headroom(peak)
+    def fit_for(self, precision: str, rate: float | None) -> _Fit:
+        """The linear model of one (precision, r), from probe steps at micro-batches (1,) 2 and 4."""
+        key = (precision, rate)
+        if key in self.fits:
+            return self.fits[key]
+        sizes = sorted({1, min(2, self.batch), min(4, self.batch)})
+        if self.fits and len(sizes) > 2:
+            sizes = sizes[1:]  # the runtime is warm: two sizes give the slope
+        runs = {}
+        for m in sizes:
+            runs[m] = self.prober.train_step(m, precision, rate)
+            self._record("train", precision, rate, runs[m])
+        slope, icpt, lin_err = {}, {}, None
+        for meter in self.meters:
+            s = {m: runs[m][f"saved_{meter}"] for m in sizes}
+            if len(sizes) >= 2:
+                a, b = sizes[-2], sizes[-1]
+                slope[meter] = max(0.0, (s[b] - s[a]) / (b - a))
+                icpt[meter] = s[a] - slope[meter] * a
+                first = sizes[0]
+                if len(sizes) >= 3 and meter == self.act_meter and s[first] > 0:
+                    lin_err = abs(icpt[meter] + slope[meter] * first - s[first]) / s[first]
+            else:
+                slope[meter], icpt[meter] = s[sizes[0]] / sizes[0], 0.0
+        overhead = {
+            meter: max(0.0, *(runs[m][f"delta_{meter}"] - runs[m][f"saved_{meter}"] for m in sizes))
+            for meter in self.meters
+        }
+        probed = {m: {meter: runs[m][f"delta_{meter}"] for meter in self.meters} for m in sizes}
+        fit = _Fit(precision, rate, slope, icpt, overhead, lin_err, probed)
+        if lin_err is not None and lin_err > 0.05:
+            self.decisions.append(
+                f"saved activations are not linear in the micro-batch ({lin_err:.1%} off at m={sizes[0]}); "
+                "the chosen micro-batch is verified with its own probe step"
+            )
+        self.fits[key] = fit
+        return fit
 
-    precisions = _precisions(start_precision, autocast_ok, dev)
-    rates = _reduction_rates(method, max_rate)
+    def eval_probe(self, precision: str, bs: int) -> dict[str, float]:
+        """Measured increments of an evaluation forward of ``bs`` images (probed once)."""
+        runs = self.eval_runs.setdefault(precision, {})
+        if bs not in runs:
+            res = self.prober.eval_step(bs, precision)
+            self._record("eval", precision, None, res)
+            runs[bs] = {meter: res[f"delta_{meter}"] for meter in self.meters}
+        return runs[bs]
 
-    def need_at_1(precision: str, rate: float | None) -> float:
-        """Smallest budget for this precision and r: micro-batch 1 and evaluation in batches of 1."""
-        fit = fit_for(precision, rate)
-        return required(budgeted(peaks(fit, 1, eval_inc(precision, 1))))
+    def eval_inc(self, precision: str, bs: int) -> dict[str, float]:
+        """Evaluation increment at batch ``bs``: measured, or linear through batches 1 and 8."""
+        small = min(8, self.eval_bs)
+        d1, d2 = self.eval_probe(precision, 1), self.eval_probe(precision, small)
+        runs = self.eval_runs[precision]
+        out = {}
+        for meter in self.meters:
+            if bs in runs:
+                value = runs[bs][meter]
+            else:
+                slope = max(0.0, (d2[meter] - d1[meter]) / (small - 1)) if small > 1 else 0.0
+                below = [runs[k][meter] for k in runs if k < bs]
+                value = max([d1[meter] + slope * (bs - 1), *below])
+            out[meter] = value + self.grad_mb * self.on_device(meter)  # gradients outlive the last step
+        return out
 
-    def refuse(need: float, how: str) -> BudgetError:
+    def verify_micro(self, fit: _Fit, micro: int, ev: dict[str, float]) -> int | None:
+        """Probe the chosen micro-batch itself; shrink it while the measurement does not fit."""
+        while True:
+            if micro not in fit.probed:
+                res = self.prober.train_step(micro, fit.precision, fit.rate)
+                self._record("verify", fit.precision, fit.rate, res)
+                fit.probed[micro] = {meter: res[f"delta_{meter}"] for meter in self.meters}
+                for meter in self.meters:  # the model may not predict less than was measured
+                    gap = res[f"delta_{meter}"] - (fit.saved(meter, micro) + fit.overhead[meter])
+                    fit.overhead[meter] += max(0.0, gap)
+            if self.fits_budget(self.budgeted(self.peaks(fit, micro, ev))):
+                return micro
+            smaller = next(
+                (m for m in range(micro - 1, 0, -1) if self.fits_budget(self.budgeted(self.peaks(fit, m, ev)))), None
+            )
+            if smaller is None:
+                return None
+            micro = _balanced(self.batch, smaller)
+
+    # ---- the search ---------------------------------------------------------------------------------
+    def minimum(self, precision: str, rate: float | None) -> float:
+        """Smallest budget for ``precision`` and ``rate``: micro-batch 1, evaluation in batches of 1."""
+        return self.required(self.budgeted(self.peaks(self.fit_for(precision, rate), 1, self.eval_inc(precision, 1))))
+
+    def refuse(self, need: float, how: str, autocast: bool) -> BudgetError:
+        """The error for a budget nothing fits."""
         return BudgetError(
-            f"memory budget {budget_mb:.0f} MB is too small to train {method.name} (batch {batch}) on {dev}: "
-            f"idle baseline {idle:.0f} MB; the smallest budget that would work is {math.ceil(need)} MB ({how}"
-            f"{'' if autocast_ok else '; autocast not allowed'})",
+            f"memory budget {self.budget_mb:.0f} MB is too small to train {self.method.name} (batch {self.batch}) "
+            f"on {self.prober.device}: idle baseline {self.idle_budgeted:.0f} MB; the smallest budget that would "
+            f"work is {math.ceil(need)} MB ({how}{'' if autocast else '; autocast not allowed'})",
             minimum_mb=float(math.ceil(need)),
         )
 
-    fit_for(precisions[0], rates[0])  # the configured setting first: it warms the runtime up at micro-batch 1
-    eval_inc(precisions[0], eval_bs)
-    if budget_mb is not None:
-        # refuse early: the most frugal setting of each precision (highest r, micro-batch 1, eval batch 1)
-        frugal = [(need_at_1(p, rates[-1]), p) for p in precisions]
-        need, prec = min(frugal)
-        if need > budget_mb:
-            rate_txt = f"r {rates[-1]:g}, " if rates[-1] is not None else ""
-            raise refuse(need, f"micro-batch 1, {rate_txt}{prec}, eval batch 1")
-
-    chosen: tuple[_Fit, int, int, dict[str, float]] | None = None
-    for precision in precisions:
-        bs = eval_bs
-        ev = eval_inc(precision, bs)
-        for rate in rates:
-            fit = fit_for(precision, rate)
-            # the eval batch only shrinks when the training step itself fits at micro-batch 1
-            train_only = budgeted(peaks(fit, 1, {k: 0.0 for k in meters}))
-            while budget_mb is not None and bs > 1 and fits_budget(train_only) and not fits_budget(
-                budgeted(peaks(fit, 1, ev))
-            ):
-                bs = max(1, bs // 2)
-                ev = eval_inc(precision, bs)
-            micro = next((m for m in range(batch, 0, -1) if fits_budget(budgeted(peaks(fit, m, ev)))), None)
-            candidates.append({
-                "precision": precision, "reduction_rate": rate, "eval_batch_size": bs, "micro_batch_size": micro,
-                "peak_micro_1_mb": round(budgeted(peaks(fit, 1, ev)), 1),
-                "peak_full_batch_mb": round(budgeted(peaks(fit, batch, ev)), 1),
-            })
-            if micro is None:
-                continue
-            micro = _balanced(batch, micro)
-            if verify:
-                micro = _verify(prober, fit, micro, batch, precision, rate, meters, probes,
-                                lambda m, f=fit, e=ev: fits_budget(budgeted(peaks(f, m, e))))
-                if micro is None:
-                    continue
-            chosen = (fit, micro, bs, ev)
-            break
-        if chosen is not None:
-            break
-    if chosen is None:  # only when memory does not fall with r/precision as assumed
-        need, prec = min((need_at_1(p, r), f"micro-batch 1, r {r}, {p}") for p in precisions for r in rates)
-        raise refuse(need, prec)
-    fit, micro, bs, ev = chosen
-    if fit.precision != precisions[0]:
-        decisions.append(f"{fit.precision} autocast: fp32 did not fit even at micro-batch 1 with r {max_rate:g}")
-    if fit.rate is not None and fit.rate != rates[0]:
-        decisions.append(f"reduction rate raised {rates[0]:g} -> {fit.rate:g}: micro-batch 1 did not fit at lower r")
-    if micro < batch:
-        decisions.append(f"micro-batch {micro} ({math.ceil(batch / micro)} accumulation steps): batch {batch} "
-                         f"would peak at {budgeted(peaks(fit, batch, ev)):.0f} MB")
-    if bs < eval_bs:
-        decisions.append(f"eval batch lowered {eval_bs} -> {bs} to fit evaluation and phase-2 caching")
-    p = peaks(fit, micro, ev)
-    predicted = budgeted(p)
-    verified = None
-    if verify and micro in fit.probed:
-        vp = peaks(fit, micro, ev, train=fit.probed[micro])
-        verified = budgeted(vp)
-    act_meter = "cuda" if cuda else "rss"
-    ev_peak = {meter: base(meter) + opt_on(meter) + ev[meter] for meter in meters}
-    return Plan(
-        method=method.name,
-        device=str(dev),
-        memory_scope=scope,
-        budget_mb=budget_mb,
-        batch_size=batch,
-        micro_batch_size=micro,
-        accumulation_steps=math.ceil(batch / micro),
-        reduction_rate=fit.rate,
-        precision=fit.precision,
-        eval_batch_size=bs,
-        idle_baseline_mb=prober.idle_rss,
-        predicted_peak_mb=predicted,
-        headroom_mb=headroom(predicted),
-        minimum_budget_mb=float(math.ceil(required(budgeted(peaks(fit, 1, eval_inc(fit.precision, 1)))))),
-        weights_mb=weights_mb / MIB,
-        trainable_mb=prober.trainable_bytes / MIB,
-        gradients_mb=grad_mb,
-        optimizer_mb=opt_mb,
-        activations_mb=fit.saved(act_meter, micro),
-        activations_per_sample_mb=fit.saved_slope[act_meter],
-        overhead_mb=fit.overhead[act_meter],
-        eval_peak_mb=budgeted(ev_peak),
-        input_mb=input_mb,
-        predicted_peak_rss_mb=p["rss"],
-        predicted_peak_cuda_mb=p.get("cuda"),
-        idle_cuda_mb=prober.idle_cuda if cuda else None,
-        verified_peak_mb=verified,
-        linearity_error=fit.linearity_error,
-        allocator=allocator_description(),
-        probes=probes,
-        candidates=candidates,
-        decisions=decisions,
-        planning_seconds=time.perf_counter() - t_start,
-    )
-
-
-def _verify(
-    prober: _Prober, fit: _Fit, micro: int, batch: int, precision: str, rate: float | None, meters: list[str],
-    probes: list[dict[str, Any]], ok: Any,
-) -> int | None:
-    """Probe the chosen micro-batch itself; shrink it while the measurement does not fit. None = nothing fits."""
-    while micro >= 1:
-        if micro not in fit.probed:
-            res = prober.train_step(micro, precision, rate)
-            probes.append({"kind": "verify", "precision": precision, "reduction_rate": rate,
-                           **{k: round(v, 3) for k, v in res.items()}})
-            fit.probed[micro] = {meter: res[f"delta_{meter}"] for meter in meters}
-            for meter in meters:  # the model may not predict less than was measured
-                gap = res[f"delta_{meter}"] - (fit.saved(meter, micro) + fit.overhead[meter])
-                fit.overhead[meter] += max(0.0, gap)
-        if ok(micro):
-            return micro
-        smaller = [m for m in range(micro - 1, 0, -1) if ok(m)]
-        if not smaller:
+    def choose(self, precision: str, rate: float | None) -> tuple[_Fit, int, int, dict[str, float]] | None:
+        """Largest micro-batch (and eval batch) that fits with ``precision`` and ``rate``; None if none."""
+        fit = self.fit_for(precision, rate)
+        bs = self.eval_bs
+        ev = self.eval_inc(precision, bs)
+        no_eval = dict.fromkeys(self.meters, 0.0)
+        train_fits = self.fits_budget(self.budgeted(self.peaks(fit, 1, no_eval)))
+        while train_fits and bs > 1 and not self.fits_budget(self.budgeted(self.peaks(fit, 1, ev))):
+            bs = max(1, bs // 2)
+            ev = self.eval_inc(precision, bs)
+        ok = [m for m in range(self.batch, 0, -1) if self.fits_budget(self.budgeted(self.peaks(fit, m, ev)))]
+        micro = _balanced(self.batch, ok[0]) if ok else None
+        self.candidates.append({
+            "precision": precision, "reduction_rate": rate, "eval_batch_size": bs, "micro_batch_size": micro,
+            "peak_micro_1_mb": round(self.budgeted(self.peaks(fit, 1, ev)), 1),
+            "peak_full_batch_mb": round(self.budgeted(self.peaks(fit, self.batch, ev)), 1),
+        })
+        if micro is None or not self.verify:
+            return None if micro is None else (fit, micro, bs, ev)
+        micro = self.verify_micro(fit, micro, ev)
+        if micro is None:
             return None
-        micro = _balanced(batch, smaller[0])
-    return None
+        # evaluation predicted from small probes: measure it at the chosen batch when it could matter
+        def eval_could_break(ev: dict[str, float]) -> bool:  # were the extrapolation 25% low
+            worse = {k: v * 1.25 for k, v in ev.items()}
+            return not self.fits_budget(self.budgeted(self.peaks(fit, micro, worse)))
+
+        while bs not in self.eval_runs[precision] and eval_could_break(ev):
+            self.eval_probe(precision, bs)
+            ev = self.eval_inc(precision, bs)
+            if bs == 1 or self.fits_budget(self.budgeted(self.peaks(fit, micro, ev))):
+                break
+            bs = max(1, bs // 2)
+            ev = self.eval_inc(precision, bs)
+        if not self.fits_budget(self.budgeted(self.peaks(fit, micro, ev))):
+            return None
+        return fit, micro, bs, ev
+
+    def plan(self, precisions: list[str], rates: list[float | None]) -> Plan:
+        """Choose micro-batch, then r, then precision; raise :class:`BudgetError` when nothing fits."""
+        autocast = len(precisions) > 1
+        self.fit_for(precisions[0], rates[0])  # the configured setting first (warms the runtime up at m=1)
+        if self.budget_mb is not None:
+            # refuse early: the most frugal setting of each precision (highest r, micro-batch 1, eval batch 1)
+            need, prec = min((self.minimum(p, rates[-1]), p) for p in precisions)
+            if need > self.budget_mb:
+                rate_txt = f"r {rates[-1]:g}, " if rates[-1] is not None else ""
+                raise self.refuse(need, f"micro-batch 1, {rate_txt}{prec}, eval batch 1", autocast)
+        chosen = None
+        for precision in precisions:
+            for rate in rates:
+                chosen = self.choose(precision, rate)
+                if chosen is not None:
+                    break
+            if chosen is not None:
+                break
+        if chosen is None:  # only when memory does not fall with r / precision as assumed
+            need, how = min((self.minimum(p, r), f"micro-batch 1, r {r}, {p}") for p in precisions for r in rates)
+            raise self.refuse(need, how, autocast)
+        return self._plan(chosen, precisions, rates)
+
+    def _plan(
+        self, chosen: tuple[_Fit, int, int, dict[str, float]], precisions: list[str], rates: list[float | None]
+    ) -> Plan:
+        fit, micro, bs, ev = chosen
+        batch = self.batch
+        if fit.precision != precisions[0]:
+            self.decisions.append(
+                f"{fit.precision} autocast: {precisions[0]} did not fit even at micro-batch 1 with r {rates[-1]}"
+            )
+        if fit.rate is not None and fit.rate != rates[0]:
+            self.decisions.append(f"reduction rate raised {rates[0]:g} -> {fit.rate:g}: micro-batch 1 did not fit")
+        if micro < batch:
+            full = self.budgeted(self.peaks(fit, batch, ev))
+            self.decisions.append(
+                f"micro-batch {micro} x {math.ceil(batch / micro)} steps: the whole batch {batch} would peak at "
+                f"{full:.0f} MB (+{self.headroom(full):.0f} MB headroom)"
+            )
+        if bs < self.eval_bs:
+            self.decisions.append(f"eval batch lowered {self.eval_bs} -> {bs} (evaluation, phase-2 caching)")
+        peaks = self.peaks(fit, micro, ev)
+        predicted = self.budgeted(peaks)
+        verified = None
+        if self.verify and micro in fit.probed:
+            verified = self.budgeted(self.peaks(fit, micro, ev, measured=fit.probed[micro]))
+        ev_peaks = {
+            meter: self.idle[meter] + self.opt_mb * self.on_device(meter) + ev[meter] for meter in self.meters
+        }
+        backbone = self.method.backbone
+        weights = sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()])
+        return Plan(
+            method=self.method.name,
+            device=str(self.prober.device),
+            memory_scope=self.scope,
+            budget_mb=self.budget_mb,
+            batch_size=batch,
+            micro_batch_size=micro,
+            accumulation_steps=math.ceil(batch / micro),
+            reduction_rate=fit.rate,
+            precision=fit.precision,
+            eval_batch_size=bs,
+            idle_baseline_mb=self.prober.idle_rss,
+            predicted_peak_mb=predicted,
+            headroom_mb=self.headroom(predicted),
+            minimum_budget_mb=float(math.ceil(self.minimum(fit.precision, fit.rate))),
+            weights_mb=weights / MIB,
+            trainable_mb=self.prober.trainable_bytes / MIB,
+            gradients_mb=self.grad_mb,
+            optimizer_mb=self.opt_mb,
+            activations_mb=fit.saved(self.act_meter, micro),
+            activations_per_sample_mb=fit.saved_slope[self.act_meter],
+            overhead_mb=fit.overhead[self.act_meter],
+            eval_peak_mb=self.budgeted(ev_peaks),
+            input_mb=self.input_mb,
+            predicted_peak_rss_mb=peaks["rss"],
+            predicted_peak_cuda_mb=peaks.get("cuda"),
+            idle_cuda_mb=self.prober.idle_cuda if self.cuda else None,
+            verified_peak_mb=verified,
+            linearity_error=fit.linearity_error,
+            allocator=allocator_description(),
+            probes=self.probes,
+            candidates=self.candidates,
+            decisions=self.decisions,
+        )
 
 
 # ==== applying a plan ====================================================================================

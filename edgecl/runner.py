@@ -166,11 +166,10 @@ def default_callbacks(spec: RunSpec) -> list[Callback]:
     """Telemetry (when enabled) and a progress bar (when asked)."""
     callbacks: list[Callback] = []
     if spec.telemetry:
-        from edgecl.telemetry import TelemetryCallback
+        from edgecl.telemetry import TelemetryCallback, detect_backends
 
-        callbacks.append(
-            TelemetryCallback.create(backends=spec.telemetry_backends or None, period_s=spec.sampler_period_s)
-        )
+        backends = detect_backends(spec.telemetry_backends) if spec.telemetry_backends else None
+        callbacks.append(TelemetryCallback(backends=backends, period_s=spec.sampler_period_s))
     if spec.progress:
         from edgecl.progress import ProgressCallback
 

@@ -1,19 +1,31 @@
-"""The trainer, its callbacks, metrics and checkpoints."""
+"""The trainer, its callbacks, metrics and checkpoints.
 
-from edgecl.train.callbacks import Callback, CallbackList
-from edgecl.train.metrics import average_incremental_accuracy, final_average_accuracy, forgetting, summarize
-from edgecl.train.trainer import TrainConfig, Trainer, TrainingCancelled, TrainState, derive_seed
+Names are imported lazily so ``edgecl.train.callbacks`` (used by telemetry) does not pull in torch.
+"""
 
-__all__ = [
-    "Callback",
-    "CallbackList",
-    "TrainConfig",
-    "TrainState",
-    "Trainer",
-    "TrainingCancelled",
-    "average_incremental_accuracy",
-    "derive_seed",
-    "final_average_accuracy",
-    "forgetting",
-    "summarize",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Callback": "edgecl.train.callbacks",
+    "CallbackList": "edgecl.train.callbacks",
+    "average_incremental_accuracy": "edgecl.train.metrics",
+    "final_average_accuracy": "edgecl.train.metrics",
+    "forgetting": "edgecl.train.metrics",
+    "summarize": "edgecl.train.metrics",
+    "TrainConfig": "edgecl.train.trainer",
+    "TrainState": "edgecl.train.trainer",
+    "Trainer": "edgecl.train.trainer",
+    "TrainingCancelled": "edgecl.train.trainer",
+    "derive_seed": "edgecl.train.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgecl.train' has no attribute {name!r}")
