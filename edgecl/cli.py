@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
     parser = argparse.ArgumentParser(
         prog="edgecl",
-        description="On-device continual learning: CPS-Prompt with DPCT over a frozen ViT, under a memory budget.",
+        description="On-device continual learning: CPS-Prompt with DPCT on a frozen ViT, in a memory budget",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

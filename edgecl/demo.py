@@ -20,14 +20,34 @@ def demo_spec(shared: Path) -> RunSpec:
     weights = shared / "weights" / "vit_tiny_p8_64_tin100.safetensors"
     if data.is_dir() and weights.is_file():
         return RunSpec(
-            method="cps_prompt", data=str(data), weights=str(weights), img_size=64, patch_size=8,
-            tasks=5, num_classes=50, limit_per_class=50, epochs=3, batch_size=16,
+            method="cps_prompt",
+            data=str(data),
+            weights=str(weights),
+            img_size=64,
+            patch_size=8,
+            tasks=5,
+            num_classes=50,
+            limit_per_class=50,
+            epochs=3,
+            batch_size=16,
             method_options={"reduction_rate": 0.5, "temperature": 0.1, "phase_ratio": 0.4},
-            progress=True, model_dir="runs/demo/model",
+            progress=True,
+            model_dir="runs/demo/model",
         )
     print("../shared not found: running on SYNTHETIC procedural classes with a RANDOM ViT (smoke run only)")
-    return RunSpec(method="cps_prompt", data="synthetic", img_size=32, patch_size=8, tasks=3, num_classes=6,
-                   limit_per_class=32, epochs=3, batch_size=16, progress=True, model_dir="runs/demo/model")
+    return RunSpec(
+        method="cps_prompt",
+        data="synthetic",
+        img_size=32,
+        patch_size=8,
+        tasks=3,
+        num_classes=6,
+        limit_per_class=32,
+        epochs=3,
+        batch_size=16,
+        progress=True,
+        model_dir="runs/demo/model",
+    )
 
 
 def main() -> int:
@@ -42,7 +62,8 @@ def main() -> int:
     out = Path("runs/demo/results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"results: {out}   finished model: {spec.model_dir}  (try: edgecl predict --model {spec.model_dir} IMAGE)")
+    print(f"results: {out}   finished model: {spec.model_dir}")
+    print(f"try: edgecl predict --model {spec.model_dir} IMAGE")
     return 0
 
 

@@ -88,7 +88,9 @@ class Profile:
         if self.headroom_mb is not None and not self.headroom_mb >= 0:
             raise ValueError(f"profile key 'headroom_mb' must be >= 0, got {self.headroom_mb}")
         if not 0.0 <= self.max_reduction_rate < 1.0:
-            raise ValueError(f"profile key 'max_reduction_rate' must be in [0, 1), got {self.max_reduction_rate}")
+            raise ValueError(
+                f"profile key 'max_reduction_rate' must be in [0, 1), got {self.max_reduction_rate}"
+            )
         for key in ("batch_size", "eval_batch_size", "epochs", "threads", "img_size", "patch_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -96,9 +98,13 @@ class Profile:
         if not self.sampler_period_s > 0:
             raise ValueError(f"profile key 'sampler_period_s' must be > 0, got {self.sampler_period_s}")
         if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError("profile key 'precision': fp16 autocast needs device cuda (use bf16 or fp32 on cpu)")
+            raise ValueError(
+                "profile key 'precision': fp16 autocast needs device cuda (use bf16 or fp32 on cpu)"
+            )
         if self.memory_scope in ("cuda", "unified") and self.device == "cpu":
-            raise ValueError(f"profile key 'memory_scope': {self.memory_scope!r} needs a CUDA device, got cpu")
+            raise ValueError(
+                f"profile key 'memory_scope': {self.memory_scope!r} needs a CUDA device, got cpu"
+            )
         rate = self.method_options.get("reduction_rate")
         if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > self.max_reduction_rate:
             raise ValueError(
@@ -172,8 +178,14 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
 
 
 def _type_name(types: tuple[type, ...], nullable: bool) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
-             list: "a list"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        dict: "a mapping",
+        list: "a list",
+    }
     text = "a number" if types == _NUMBER else " or ".join(names[t] for t in types)
     return text + (" or null" if nullable else "")
 
@@ -189,7 +201,9 @@ def _check_types(profile: Profile) -> None:
         if not ok:
             raise ValueError(f"profile key '{key}' must be {_type_name(types, nullable)}, got {value!r}")
     if not all(isinstance(b, str) for b in profile.telemetry_backends):
-        raise ValueError(f"profile key 'telemetry_backends' must be a list of strings, got {profile.telemetry_backends!r}")
+        raise ValueError(
+            f"profile key 'telemetry_backends' must be a list of strings, got {profile.telemetry_backends!r}"
+        )
     bad = [k for k in profile.method_options if not isinstance(k, str)]
     if bad:
         raise ValueError(f"profile key 'method_options' has non-string keys {bad}")

@@ -36,7 +36,10 @@ class ProgressCallback(Callback):
         )
         self.progress.start()
         self._run = self.progress.add_task(
-            f"{trainer.method.name}", total=trainer.state.planned_steps, completed=trainer.state.global_step, loss=""
+            f"{trainer.method.name}",
+            total=trainer.state.planned_steps,
+            completed=trainer.state.global_step,
+            loss="",
         )
 
     def on_epoch_start(self, trainer: Trainer, task: int, epoch: int) -> None:

@@ -99,8 +99,12 @@ def build_stream(spec: RunSpec, backbone: FrozenViT) -> TaskStream:
         )
     if spec.data.startswith("cifar100:"):
         return from_cifar100(
-            spec.data.split(":", 1)[1], spec.tasks, order=spec.class_order, seed=spec.seed,
-            limit_per_class=spec.limit_per_class, **common,  # type: ignore[arg-type]
+            spec.data.split(":", 1)[1],
+            spec.tasks,
+            order=spec.class_order,
+            seed=spec.seed,
+            limit_per_class=spec.limit_per_class,
+            **common,  # type: ignore[arg-type]
         )
     return from_image_folder(
         spec.data,

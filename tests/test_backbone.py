@@ -194,11 +194,11 @@ def _to_big_vision_npz(m: torch.nn.Module, path) -> None:  # type: ignore[no-unt
         for j, name in enumerate(("query", "key", "value")):
             wt = n(blk.attn.qkv.weight)[j * d : (j + 1) * d]
             w[p + f"MultiHeadDotProductAttention_0/{name}/kernel"] = wt.T.reshape(d, h, d // h)
-            w[p + f"MultiHeadDotProductAttention_0/{name}/bias"] = n(blk.attn.qkv.bias)[j * d : (j + 1) * d].reshape(
-                h, d // h
-            )
-        w[p + "MultiHeadDotProductAttention_0/out/kernel"] = n(blk.attn.proj.weight).reshape(d, h, d // h).transpose(
-            1, 2, 0
+            w[p + f"MultiHeadDotProductAttention_0/{name}/bias"] = n(blk.attn.qkv.bias)[
+                j * d : (j + 1) * d
+            ].reshape(h, d // h)
+        w[p + "MultiHeadDotProductAttention_0/out/kernel"] = (
+            n(blk.attn.proj.weight).reshape(d, h, d // h).transpose(1, 2, 0)
         )
         w[p + "MultiHeadDotProductAttention_0/out/bias"] = n(blk.attn.proj.bias)
         for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):

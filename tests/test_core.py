@@ -132,7 +132,9 @@ def test_coda_earlier_components_frozen(tiny_vit: FrozenViT) -> None:
     per = m.prompt.per_task
     for name in ("p_0", "k_0", "a_0", "p_4"):
         assert torch.equal(before[f"prompt.{name}"][:per], after[f"prompt.{name}"][:per])  # task 0's, frozen
-        assert not torch.equal(before[f"prompt.{name}"][per : 2 * per], after[f"prompt.{name}"][per : 2 * per])
+        assert not torch.equal(
+            before[f"prompt.{name}"][per : 2 * per], after[f"prompt.{name}"][per : 2 * per]
+        )
 
 
 def test_new_components_gram_schmidt(tiny_vit: FrozenViT) -> None:
@@ -196,14 +198,21 @@ class Interrupt(Callback):
 
 @pytest.mark.parametrize(("task", "epoch"), [(0, 1), (1, 0), (1, 2)])
 def test_resume_equals_uninterrupted(tiny_vit: FrozenViT, tmp_path, task: int, epoch: int) -> None:  # type: ignore[no-untyped-def]
-    cfg = dict(epochs=3, batch_size=8, seed=5)
+    cfg = {"epochs": 3, "batch_size": 8, "seed": 5}
     full = Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(**cfg)).fit()
     d = str(tmp_path / f"ckpt-{task}-{epoch}")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(**cfg, checkpoint_dir=d), [Interrupt(task, epoch)]).fit()
+        Trainer(
+            _method("cps_prompt", tiny_vit),
+            _stream(),
+            TrainConfig(**cfg, checkpoint_dir=d),
+            [Interrupt(task, epoch)],
+        ).fit()
     assert load_checkpoint(d).meta["epochs_done"] == epoch + 1
     torch.manual_seed(999)  # a different RNG state must not matter
-    resumed = Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(**cfg, checkpoint_dir=d)).fit(resume_from=d)
+    resumed = Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(**cfg, checkpoint_dir=d)).fit(
+        resume_from=d
+    )
     for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
@@ -211,7 +220,9 @@ def test_resume_equals_uninterrupted(tiny_vit: FrozenViT, tmp_path, task: int, e
 
 def test_checkpoint_is_atomic_and_corruption_is_clear(tiny_vit: FrozenViT, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = tmp_path / "c"
-    Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8, checkpoint_dir=str(d))).fit()
+    Trainer(
+        _method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8, checkpoint_dir=str(d))
+    ).fit()
     files = sorted(p.name for p in d.iterdir())
     assert files[0] == "checkpoint.json" and len([f for f in files if f.startswith("tensors-")]) == 1
     meta = json.loads((d / "checkpoint.json").read_text())
@@ -223,11 +234,15 @@ def test_checkpoint_is_atomic_and_corruption_is_clear(tiny_vit: FrozenViT, tmp_p
 
 def test_resume_rejects_other_stream(tiny_vit: FrozenViT, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = str(tmp_path / "c")
-    Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8, checkpoint_dir=d)).fit()
+    Trainer(
+        _method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8, checkpoint_dir=d)
+    ).fit()
     other = synthetic_stream(2, classes_per_task=2, per_class=8, img_size=32, seed=1)
     other.class_order = [f"x{i}" for i in range(4)]
     with pytest.raises(ValueError, match="class order"):
-        Trainer(_method("cps_prompt", tiny_vit), other, TrainConfig(epochs=1, batch_size=8)).fit(resume_from=d)
+        Trainer(_method("cps_prompt", tiny_vit), other, TrainConfig(epochs=1, batch_size=8)).fit(
+            resume_from=d
+        )
 
 
 def test_micro_batches_equal_full_batch_gradient(tiny_vit: FrozenViT) -> None:
@@ -252,4 +267,6 @@ def test_cancel_at_step_boundary(tiny_vit: FrozenViT) -> None:
             trainer.request_stop()
 
     with pytest.raises(TrainingCancelled):
-        Trainer(_method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8), [Stop()]).fit()
+        Trainer(
+            _method("cps_prompt", tiny_vit), _stream(), TrainConfig(epochs=1, batch_size=8), [Stop()]
+        ).fit()

@@ -8,7 +8,9 @@ import torch
 from edgecl.sampling import critical_sampling, num_kept, select_patches, topk_sampling, uniform_sampling
 
 
-@pytest.mark.parametrize(("n", "r", "k"), [(196, 0.5, 98), (196, 0.4, 117), (64, 0.4, 38), (10, 0.9, 1), (16, 0.0, 16)])
+@pytest.mark.parametrize(
+    ("n", "r", "k"), [(196, 0.5, 98), (196, 0.4, 117), (64, 0.4, 38), (10, 0.9, 1), (16, 0.0, 16)]
+)
 def test_num_kept(n: int, r: float, k: int) -> None:
     assert num_kept(n, r) == k
 

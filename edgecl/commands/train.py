@@ -25,8 +25,11 @@ METHOD_FLAGS = {
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by ``train`` and ``bench`` (data, backbone, schedule, budget)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="ImageFolder root with train/ and val/, 'cifar100:ROOT', or 'synthetic' (default)")
+    g.add_argument(
+        "--data",
+        default="synthetic",
+        help="ImageFolder root with train/ and val/, 'cifar100:ROOT', or 'synthetic' (default)",
+    )
     g.add_argument("--tasks", type=int, default=None, help="number of tasks (default 5)")
     g.add_argument("--num-classes", type=int, default=None, help="use only the first N classes of the order")
     g.add_argument("--limit-per-class", type=int, default=None, help="training images per class")
@@ -35,7 +38,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=None, help="timm ViT name (default vit_tiny_patch16_224)")
     g.add_argument("--weights", default=None, help="local backbone weights (.safetensors/.pth/.npz)")
-    g.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights (online only)")
+    g.add_argument(
+        "--pretrained", action="store_true", help="download timm's pretrained weights (online only)"
+    )
     g.add_argument("--img-size", type=int, default=None)
     g.add_argument("--patch-size", type=int, default=None)
     g = p.add_argument_group("training")
@@ -46,7 +51,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g.add_argument("--profile", default=None, help="device profile NAME or PATH (profiles/*.yaml)")
-    g.add_argument("--memory-budget-mb", type=float, default=None, help="memory budget (overrides the profile)")
+    g.add_argument(
+        "--memory-budget-mb", type=float, default=None, help="memory budget (overrides the profile)"
+    )
     g.add_argument("--no-telemetry", action="store_true", help="do not run the power/memory sampler")
     g = p.add_argument_group("method options")
     g.add_argument("--reduction-rate", type=float, default=None, help="CPS r (fraction of patches dropped)")
@@ -55,8 +62,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling", choices=["critical", "uniform", "topk"], default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--expected-tasks", type=int, default=None, help="tasks prompt pools are split over")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any method config field, e.g. --set pool_size=50 (repeatable)")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any method config field, e.g. --set pool_size=50 (repeatable)",
+    )
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -95,12 +108,23 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> Any:
             spec.method_options = {}
         spec.method = method
     for name, value in (
-        ("data", args.data), ("tasks", args.tasks), ("num_classes", args.num_classes),
-        ("limit_per_class", args.limit_per_class), ("test_limit_per_class", args.test_limit_per_class),
-        ("class_order", args.class_order), ("backbone", args.backbone), ("weights", args.weights),
-        ("img_size", args.img_size), ("patch_size", args.patch_size), ("epochs", args.epochs),
-        ("batch_size", args.batch_size), ("seed", args.seed), ("device", args.device),
-        ("precision", args.precision), ("threads", args.threads), ("memory_budget_mb", args.memory_budget_mb),
+        ("data", args.data),
+        ("tasks", args.tasks),
+        ("num_classes", args.num_classes),
+        ("limit_per_class", args.limit_per_class),
+        ("test_limit_per_class", args.test_limit_per_class),
+        ("class_order", args.class_order),
+        ("backbone", args.backbone),
+        ("weights", args.weights),
+        ("img_size", args.img_size),
+        ("patch_size", args.patch_size),
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("seed", args.seed),
+        ("device", args.device),
+        ("precision", args.precision),
+        ("threads", args.threads),
+        ("memory_budget_mb", args.memory_budget_mb),
     ):
         if value is not None:
             setattr(spec, name, value)
@@ -174,9 +198,14 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``edgecl train``."""
-    p = sub.add_parser("train", help="train a method over a task stream",
-                       description="Train one continual-learning method over a task stream.")
-    p.add_argument("--method", default=None, help="registered method (default: the profile's, else cps_prompt)")
+    p = sub.add_parser(
+        "train",
+        help="train a method over a task stream",
+        description="Train one continual-learning method over a task stream.",
+    )
+    p.add_argument(
+        "--method", default=None, help="registered method (default: the profile's, else cps_prompt)"
+    )
     add_run_arguments(p)
     p.add_argument("--checkpoint-dir", default=None, help="write a resumable checkpoint after every epoch")
     p.add_argument("--model-dir", default=None, help="write the finished model after every task")

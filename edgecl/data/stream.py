@@ -15,7 +15,14 @@ from torch.utils.data import Dataset
 
 from edgecl.data.transforms import build_transforms
 
-__all__ = ["ImageListDataset", "Task", "TaskStream", "TensorImageDataset", "IMAGE_EXTENSIONS", "scan_image_folder"]
+__all__ = [
+    "ImageListDataset",
+    "Task",
+    "TaskStream",
+    "TensorImageDataset",
+    "IMAGE_EXTENSIONS",
+    "scan_image_folder",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
@@ -164,7 +171,9 @@ def _split_dir(root: Path, candidates: Sequence[str]) -> Path:
     for name in candidates:
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(f"{root} has none of the folders {list(candidates)} (ImageFolder layout expected)")
+    raise FileNotFoundError(
+        f"{root} has none of the folders {list(candidates)} (ImageFolder layout expected)"
+    )
 
 
 def from_image_folder(
@@ -197,7 +206,14 @@ def from_image_folder(
         te = [(p, i) for i in ids for p in test_map[names[i]]]
         train = ImageListDataset(tr, train_tf)
         tasks.append(
-            Task(t, list(ids), [names[i] for i in ids], train, train.with_transform(eval_tf), ImageListDataset(te, eval_tf))
+            Task(
+                t,
+                list(ids),
+                [names[i] for i in ids],
+                train,
+                train.with_transform(eval_tf),
+                ImageListDataset(te, eval_tf),
+            )
         )
     return TaskStream(tasks, names, source=str(root), info={"order": order, "seed": seed})
 
@@ -282,6 +298,13 @@ def from_cifar100(
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), list(ds.targets)
 
     return from_tensors(
-        to_tensor(tr), to_tensor(te), list(tr.classes), num_tasks, img_size=img_size, mean=mean, std=std,
-        source=f"cifar100:{root}", **kwargs,
+        to_tensor(tr),
+        to_tensor(te),
+        list(tr.classes),
+        num_tasks,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        source=f"cifar100:{root}",
+        **kwargs,
     )

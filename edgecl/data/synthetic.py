@@ -77,14 +77,20 @@ def synthetic_stream(
 
 
 def write_synthetic_folder(
-    root: str | Path, num_classes: int, per_class: int, img_size: int = 32, seed: int = 0, split: str = "train",
-    fmt: str = "PNG", class_offset: int = 0,
+    root: str | Path,
+    num_classes: int,
+    per_class: int,
+    img_size: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    fmt: str = "PNG",
+    class_offset: int = 0,
 ) -> dict[str, list[Path]]:
     """Write SYNTHETIC images in ImageFolder layout under ``root`` (for upload/daemon tests)."""
     images, labels = make_synthetic(num_classes + class_offset, per_class, img_size, seed, split)
     out: dict[str, list[Path]] = {}
     root = Path(root)
-    for i, (img, y) in enumerate(zip(images, labels)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
         if y < class_offset:
             continue
         name = f"synthetic-{y:03d}"

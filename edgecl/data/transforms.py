@@ -23,7 +23,9 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -
     )
 
 
-def build_transforms(img_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[v2.Compose, v2.Compose]:
+def build_transforms(
+    img_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[v2.Compose, v2.Compose]:
     """(train, eval) transforms; normalisation comes from the backbone (the reference used mean 0 / std 1)."""
     train = v2.Compose(
         [

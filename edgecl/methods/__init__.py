@@ -5,7 +5,13 @@ import importlib
 import pkgutil
 
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
-from edgecl.methods.registry import build_config, create_method, get_method_class, list_methods, register_method
+from edgecl.methods.registry import (
+    build_config,
+    create_method,
+    get_method_class,
+    list_methods,
+    register_method,
+)
 
 _INFRA = {"base", "registry", "layers"}
 for _mod in pkgutil.iter_modules(__path__):

@@ -227,4 +227,3 @@ def describe_config(cfg: MethodConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(cfg)
-

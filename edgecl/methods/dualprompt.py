@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +40,9 @@ class DualPromptConfig(MethodConfig):
             if v < 2 or v % 2:
                 raise ValueError(f"{name} must be an even number >= 2, got {v}")
         if self.e_pool_size < self.expected_tasks:
-            raise ValueError(f"e_pool_size={self.e_pool_size} must be >= expected_tasks={self.expected_tasks}")
+            raise ValueError(
+                f"e_pool_size={self.e_pool_size} must be >= expected_tasks={self.expected_tasks}"
+            )
 
 
 @register_method("dualprompt")

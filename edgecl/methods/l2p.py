@@ -71,7 +71,10 @@ class L2P(Method):
             top = cos.topk(self.cfg.top_k, dim=1)
             p = self.prompts[str(layer)][top.indices]  # B x k x L x D
             b = p.shape[0]
-            out[layer] = (p[:, :, :half].reshape(b, -1, p.shape[-1]), p[:, :, half:].reshape(b, -1, p.shape[-1]))
+            out[layer] = (
+                p[:, :, :half].reshape(b, -1, p.shape[-1]),
+                p[:, :, half:].reshape(b, -1, p.shape[-1]),
+            )
             if train:
                 loss = loss + (1.0 - top.values).sum(1).mean()
         self._match_loss = self.cfg.pull_constraint * loss if train else None

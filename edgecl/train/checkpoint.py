@@ -67,7 +67,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def flatten_optimizer(state: dict[str, Any], prefix: str = "optim") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def flatten_optimizer(
+    state: dict[str, Any], prefix: str = "optim"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into tensors (for safetensors) and a JSON-able rest."""
     tensors: dict[str, Tensor] = {}
     rest: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
@@ -88,7 +90,8 @@ def unflatten_optimizer(rest: dict[str, Any], tensors: dict[str, Tensor]) -> dic
     state: dict[int, dict[str, Any]] = {}
     for pid, entry in rest["state"].items():
         state[int(pid)] = {
-            k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v for k, v in entry.items()
+            k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v
+            for k, v in entry.items()
         }
     return {"state": state, "param_groups": rest["param_groups"]}
 

@@ -40,7 +40,7 @@ def backbone_from_spec(spec: dict[str, Any], weights: str | None = None) -> Froz
     w = weights or spec.get("weights")
     if w is not None and not Path(w).is_file():
         raise FileNotFoundError(
-            f"the checkpoint's backbone weights {w} are missing; pass --weights FILE with the same backbone weights"
+            f"the checkpoint's backbone weights {w} are missing; pass --weights FILE with the same weights"
         )
     return load_backbone(
         spec["name"],
@@ -70,8 +70,10 @@ def load_model(
     missing, unexpected = method.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match method {meta['method']}: "
-                         f"missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {directory} does not match method {meta['method']}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
     method.to(device).eval()
     classes = list(meta.get("classes_learned") or [])
     if not classes:
