@@ -43,6 +43,9 @@ class QueryOutput:
     """Final-norm CLS feature, ``B x D``."""
     scores: Tensor
     """CPS critical score per patch (CLS excluded), ``B x N``."""
+    tokens: Tensor | None = None
+    """The embedded tokens ``B x (1 + N) x D`` (``embed(x)``) when asked for with ``keep_tokens``, so the
+    prompted pass of the same images can skip the patch embedding (``forward(..., tokens=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,9 @@ def _check_timm_vit(model: nn.Module) -> None:
     for i, blk in enumerate(model.blocks):
         attn = blk.attn
         if not hasattr(attn, "qkv"):
-            raise ValueError(f"block {i} has no fused qkv projection; this timm ViT variant is not supported.")
+            raise ValueError(
+                f"block {i} has no fused qkv projection; this timm ViT variant is not supported."
+            )
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise ValueError(f"block {i} uses scale_norm in attention; not supported by the prompted pass.")
 
@@ -210,6 +215,40 @@ class FrozenViT(nn.Module):
         b, lp, d = p.shape
         return p.reshape(b, lp, heads, d // heads).transpose(1, 2)
 
+    def _cls_qkv(self, blk: nn.Module, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The qkv projection split for a CLS-only block: q of the CLS token (``B x H x 1 x dh``), k and v of
+        all tokens (``B x H x T x dh``), and v with heads concatenated (``B x T x D``, a view)."""
+        attn = blk.attn
+        b, t, d = x_norm.shape
+        h = attn.num_heads
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        kv = F.linear(x_norm, w[d:], None if bias is None else bias[d:])  # B x T x 2D
+        q = F.linear(x_norm[:, :1], w[:d], None if bias is None else bias[:d])  # B x 1 x D
+        q = q.reshape(b, 1, h, d // h).transpose(1, 2)
+        k, v = kv.reshape(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v, kv[..., d:]
+
+    def _cls_tail(self, blk: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+        """Residual, output projection and MLP of a block for the CLS token only (``out``: ``B x 1 x D``)."""
+        x = x[:, :1] + blk.ls1(blk.attn.proj(out))
+        return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+    def _cls_block(self, blk: nn.Module, x: Tensor, prefix: Prefix | None) -> Tensor:
+        """The last block for the CLS token only (``B x 1 x D``), with an optional prefix.
+
+        The pre-logits feature reads nothing else of the last block: every token still gives its key and
+        value, but the other tokens' queries, attention rows, output projection and MLP are skipped.
+        """
+        b, _, d = x.shape
+        h = blk.attn.num_heads
+        q, k, v, _ = self._cls_qkv(blk, blk.norm1(x))
+        if prefix is not None:
+            pk, pv = prefix
+            k = torch.cat([self._split_heads(pk.to(k.dtype), b, h), k], dim=2)
+            v = torch.cat([self._split_heads(pv.to(v.dtype), b, h), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        return self._cls_tail(blk, x, out)
+
     def _block(
         self,
         i: int,
@@ -231,6 +270,10 @@ class FrozenViT(nn.Module):
             pk, pv = prefix
             k = torch.cat([self._split_heads(pk.to(k.dtype), b, h), k], dim=2)
             v = torch.cat([self._split_heads(pv.to(v.dtype), b, h), v], dim=2)
+            if torch.is_grad_enabled():
+                # k and v are fresh copies now; a contiguous q lets the fused qkv buffer (3x the size) go,
+                # so autograd keeps q, [pk; k], [pv; v] for attention's backward instead of all three
+                q = q.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, t, d)
         if hooks is not None:
@@ -248,27 +291,39 @@ class FrozenViT(nn.Module):
         keep: Tensor | None = None,
         hooks: LayerHooks | None = None,
         return_tokens: bool = False,
+        tokens: Tensor | None = None,
     ) -> Tensor:
         """Prompted / token-subset pass; returns the pre-logits CLS feature ``B x D``.
 
         ``prefixes`` maps layer index to a (key, value) prefix prepended after the qkv projection;
         ``keep`` selects patches (position embeddings are added before the gather); ``hooks`` lets a
         method act inside chosen layers.  With ``return_tokens`` the final-normed tokens
-        (``B x T x D``) are returned instead of the CLS feature.
+        (``B x T x D``) are returned instead of the CLS feature.  ``tokens`` may pass ``embed(x)``
+        already computed (``query(x, keep_tokens=True).tokens``) to skip the patch embedding.
+        Unless tokens are returned or hooked there, the last block runs for the CLS token only.
         """
         prefixes = prefixes or {}
         bad = [i for i in prefixes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"prefix layers {bad} are outside the {self.depth} blocks.")
-        tokens = self.embed(x)
+        if tokens is None:
+            tokens = self.embed(x)
+        elif tokens.shape[:2] != (x.shape[0], self.info.seq_len):
+            raise ValueError(
+                f"tokens must be embed(x), {x.shape[0]} x {self.info.seq_len} x D; got {tuple(tokens.shape)}."
+            )
         if keep is not None:
             tokens = self.gather_tokens(tokens, keep)
+        last = self.depth - 1
         for i, blk in enumerate(self.vit.blocks):
             prefix = prefixes.get(i)
-            if prefix is None and (hooks is None or not hooks.wants(i)):
+            wants = hooks is not None and hooks.wants(i)
+            if i == last and not return_tokens and not wants:
+                tokens = self._cls_block(blk, tokens, prefix)
+            elif prefix is None and not wants:
                 tokens = blk(tokens)
             else:
-                tokens = self._block(i, blk, tokens, prefix, hooks if hooks is not None and hooks.wants(i) else None)
+                tokens = self._block(i, blk, tokens, prefix, hooks if wants else None)
         tokens = self.vit.norm(tokens)
         if return_tokens:
             return tokens
@@ -293,19 +348,43 @@ class FrozenViT(nn.Module):
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         return x, cls_row * v_norm
 
-    def query(self, x: Tensor) -> QueryOutput:
-        """The no-prompt query pass (no autograd): CLS feature and CPS scores of ``score_layer``."""
+    def _cls_critical_scores(self, blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`critical_scores` of the last block, computing its output for the CLS token only."""
+        b, _, d = tokens.shape
+        q, k, v, v_cat = self._cls_qkv(blk, blk.norm1(tokens))
+        probs = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B x H x 1 x T: the CLS row
+        scores = probs.sum(dim=1)[:, 0] * v_cat.norm(dim=-1)
+        out = (probs @ v).transpose(1, 2).reshape(b, 1, d)  # the CLS row of the attention output
+        return self._cls_tail(blk, tokens, out), scores
+
+    def query(self, x: Tensor, keep_tokens: bool = False) -> QueryOutput:
+        """The no-prompt query pass (no autograd): CLS feature and CPS scores of ``score_layer``.
+
+        With ``keep_tokens`` the embedded tokens are returned too, for the prompted pass of the same ``x``.
+        The last block runs for the CLS token only (its scores still cover every token).
+        """
+        with torch.no_grad():  # outside inference mode, so the prompted pass may reuse the tokens
+            embedded = self.embed(x)
         with torch.inference_mode():
-            tokens = self.embed(x)
+            tokens = embedded
             scores = tokens.new_zeros(0)
+            last = self.depth - 1
             for i, blk in enumerate(self.vit.blocks):
-                if i == self.score_layer:
+                if i == self.score_layer == last:
+                    tokens, scores = self._cls_critical_scores(blk, tokens)
+                elif i == self.score_layer:
                     tokens, scores = self.critical_scores(blk, tokens)
+                elif i == last:
+                    tokens = self._cls_block(blk, tokens, None)
                 else:
                     tokens = blk(tokens)
             cls = self.vit.norm(tokens)[:, 0]
         # clone outside inference mode so the results may feed autograd graphs (prompt queries)
-        return QueryOutput(cls=cls.clone(), scores=scores[:, self.info.num_prefix_tokens :].clone())
+        return QueryOutput(
+            cls=cls.clone(),
+            scores=scores[:, self.info.num_prefix_tokens :].clone(),
+            tokens=embedded if keep_tokens else None,
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """The plain frozen forward (timm's own), no autograd: pre-logits CLS ``B x D``."""

@@ -25,11 +25,14 @@ the effective batch), then a higher r up to ``max_reduction_rate`` for methods w
 (CPS), then bf16 (CPU/CUDA) or fp16 (CUDA) autocast. If nothing fits, :class:`BudgetError` states the
 smallest budget that would.
 
-**Allocator.** With glibc's default dynamic mmap threshold, freed activations stay in the heap and RSS
-creeps up with fragmentation (measured: ~1.5x the saved bytes on ViT-Tiny). ``tune_allocator`` fixes the
-threshold at 64 KiB so every tensor >= 64 KiB is its own mapping, returned to the OS when freed: RSS then
-tracks live tensors (~1.0x), the peak is predictable, and the memory really goes back to a shared Jetson
-DRAM. Step time was unchanged within noise. Same effect from the environment: ``MALLOC_MMAP_THRESHOLD_=65536``.
+**Allocator.** With glibc's default dynamic mmap threshold, freed activations stay in the heap and the RSS
+peak creeps up with fragmentation (ViT-Tiny 64 px, batch 16, 30 CPU steps with evaluations in between:
++127 MB after the first step, +201 MB after 20). :func:`tune_allocator` fixes the threshold at 64 KiB so
+every tensor >= 64 KiB is its own mapping, returned to the OS when freed: RSS then tracks live tensors
+(+111 MB, +120 MB after 20 steps), the peak is predictable and the memory really goes back to a shared
+Jetson DRAM. The price is page faults: system CPU time rose from 0.7 s to 9 s over those 30 steps (user
+time 14 s, unchanged). Profiles switch it with ``tune_allocator``; untuned, the planner multiplies the
+measured increments by :data:`UNTUNED_FACTOR`. The environment ``MALLOC_MMAP_THRESHOLD_=65536`` does the same.
 
 **Enforcement** (:class:`BudgetGuard`): inside the step, forward hooks on the backbone blocks compare the
 current usage with the budget and raise :class:`BudgetExceeded` (a ``torch.OutOfMemoryError``), so the
@@ -81,6 +84,8 @@ __all__ = [
 MIB = float(2**20)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LIFETIME_PEAK_MB = 0.0
+UNTUNED_FACTOR = 1.75
+"""Margin on measured increments when glibc's allocator is not tuned (measured fragmentation up to 1.7x)."""
 """The highest RSS high-water mark seen before any :func:`reset_peak_rss` (so process peaks survive it)."""
 
 
@@ -180,6 +185,11 @@ def tune_allocator(threshold_kib: int = 64) -> bool:
     if ok:
         _TUNED = threshold_kib
     return bool(ok)
+
+
+def allocator_tuned() -> bool:
+    """Whether freed tensors go back to the OS (glibc with a fixed mmap threshold)."""
+    return _TUNED is not None or bool(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
 
 
 def allocator_description() -> str:
@@ -327,30 +337,36 @@ class Plan:
         scope = {"rss": "process peak RSS", "cuda": "peak CUDA allocated", "unified": "RSS + CUDA (unified)"}
         budget = "no budget" if self.budget_mb is None else f"budget {self.budget_mb:.0f} MB"
         r = "-" if self.reduction_rate is None else f"{self.reduction_rate:g}"
+        what = scope.get(self.memory_scope, self.memory_scope)
         lines = [
-            f"Memory plan: {self.method} on {self.device}, {budget} ({scope.get(self.memory_scope, self.memory_scope)})",
+            f"Memory plan: {self.method} on {self.device}, {budget} ({what})",
             f"  micro-batch {self.micro_batch_size} x {self.accumulation_steps} accumulation step(s) = batch "
-            f"{self.batch_size}; reduction rate r {r}; precision {self.precision}; eval batch {self.eval_batch_size}",
+            f"{self.batch_size}; reduction rate r {r}; precision {self.precision}; "
+            f"eval batch {self.eval_batch_size}",
             f"  idle baseline        {self.idle_baseline_mb:8.1f} MB  (interpreter, libraries, weights "
             f"{self.weights_mb:.1f} MB, trainable {self.trainable_mb:.1f} MB)",
             f"  + optimizer state    {self.optimizer_mb:8.1f} MB",
-            f"  + saved activations  {self.activations_mb:8.1f} MB  ({self.activations_per_sample_mb:.2f} MB/sample,"
-            f" counted with saved_tensors_hooks)",
+            f"  + saved activations  {self.activations_mb:8.1f} MB  "
+            f"({self.activations_per_sample_mb:.2f} MB/sample, counted with saved_tensors_hooks)",
             f"  + runtime overhead   {self.overhead_mb:8.1f} MB  (measured on probe steps; gradients "
             f"{self.gradients_mb:.1f} MB included)",
             f"  + input batch        {self.input_mb:8.1f} MB",
-            f"  = predicted peak     {self.predicted_peak_mb:8.1f} MB  (evaluation {self.eval_peak_mb:.1f} MB)",
+            f"  = predicted peak     {self.predicted_peak_mb:8.1f} MB  "
+            f"(evaluation {self.eval_peak_mb:.1f} MB)",
         ]
         if self.verified_peak_mb is not None:
-            lines.append(f"  verified probe step  {self.verified_peak_mb:8.1f} MB  (one step at the chosen micro-batch)")
+            lines.append(
+                f"  verified probe step  {self.verified_peak_mb:8.1f} MB  (a step at the chosen micro-batch)"
+            )
         if self.memory_scope != "rss":
             lines.append(f"  host RSS (reported)  {self.predicted_peak_rss_mb:8.1f} MB")
         if self.budget_mb is not None:
             left = self.budget_mb - self.idle_baseline_mb if self.memory_scope == "rss" else None
             extra = f"; {left:.1f} MB left above the idle baseline" if left is not None else ""
             lines.append(
-                f"  headroom {self.headroom_mb:.1f} MB; fits {self.budget_mb:.0f} MB: {'yes' if self.fits else 'NO'}; "
-                f"smallest budget for this precision/r: {self.minimum_budget_mb:.0f} MB{extra}"
+                f"  headroom {self.headroom_mb:.1f} MB; fits {self.budget_mb:.0f} MB: "
+                f"{'yes' if self.fits else 'NO'}; smallest budget for this precision/r: "
+                f"{self.minimum_budget_mb:.0f} MB{extra}"
             )
         lines.append(f"  allocator: {self.allocator}; planned in {self.planning_seconds:.1f} s")
         lines.extend(f"  - {d}" for d in self.decisions)
@@ -388,6 +404,7 @@ class _Prober:
         self.device = device
         self.meter_cuda = meter_cuda  # "allocated" or "reserved"
         self.cuda = device.type == "cuda"
+        self.idle_cuda = 0.0
         if self.cuda:
             torch.cuda.synchronize(device)
             self.idle_cuda = _cuda_mb(meter_cuda, device)
@@ -395,7 +412,11 @@ class _Prober:
         self.probe = create_method(method.name, method.backbone, describe_config(method.cfg))
         self.probe.to(device)
         expected = int(getattr(method.cfg, "expected_tasks", 1))
-        t = task_index if task_index is not None else (expected - 1 if self.probe.pool_bound_to_tasks() else 0)
+        t = (
+            task_index
+            if task_index is not None
+            else (expected - 1 if self.probe.pool_bound_to_tasks() else 0)
+        )
         per_task = max(1, math.ceil(num_classes / max(t + 1, 1)))
         n_past = max(0, num_classes - per_task)
         self.task = TaskInfo(index=t, classes=list(range(n_past, num_classes)), n_past=n_past)
@@ -403,7 +424,9 @@ class _Prober:
         self.phase = Phase.SPARSE if self.probe.has_phases else Phase.JOINT
         trainable = self.probe.trainable_parameters(Phase.JOINT)
         self.trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
-        self.grad_bytes = sum(p.numel() * p.element_size() for p in self.probe.trainable_parameters(self.phase))
+        self.grad_bytes = sum(
+            p.numel() * p.element_size() for p in self.probe.trainable_parameters(self.phase)
+        )
         self.own_bytes = sum(v.numel() * v.element_size() for v in self.probe.trainable_state_dict().values())
         self.static = [*self.probe.parameters(), *self.probe.buffers()]
         info = method.backbone.info
@@ -434,7 +457,9 @@ class _Prober:
         out = {"rss": peak - self.idle_rss - (0.0 if self.cuda else self.own_bytes / MIB)}
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            out["cuda"] = _cuda_mb("max_" + self.meter_cuda, self.device) - self.idle_cuda - self.own_bytes / MIB
+            out["cuda"] = (
+                _cuda_mb("max_" + self.meter_cuda, self.device) - self.idle_cuda - self.own_bytes / MIB
+            )
         return out
 
     def train_step(self, m: int, precision: str, rate: float | None) -> dict[str, float]:
@@ -471,7 +496,11 @@ class _Prober:
         with torch.no_grad(), self._autocast(precision):
             self.probe(x)
         deltas = self._deltas(reset_ok, 0.0)
-        return {"batch": batch, **{f"delta_{k}": v for k, v in deltas.items()}, "seconds": time.perf_counter() - t0}
+        return {
+            "batch": batch,
+            **{f"delta_{k}": v for k, v in deltas.items()},
+            "seconds": time.perf_counter() - t0,
+        }
 
     def close(self) -> None:
         del self.probe
@@ -482,7 +511,7 @@ class _Prober:
 
 
 def _reduction_rates(method: Method, max_rate: float) -> list[float | None]:
-    """The configured r, then higher ones (step 0.05, each changing the kept-patch count) up to ``max_rate``."""
+    """The configured r, then higher ones up to ``max_rate`` (0.05 steps that change k)."""
     rate = getattr(method.cfg, "reduction_rate", None)
     if rate is None or not method.has_phases:
         return [None]
@@ -578,7 +607,9 @@ def plan_training(
     if configured_rate is not None:
         max_rate = max(max_rate, float(configured_rate))
     if device is None:
-        device = prof.device if prof is not None and prof.device != "auto" else next(method.parameters()).device
+        device = (
+            prof.device if prof is not None and prof.device != "auto" else next(method.parameters()).device
+        )
     dev = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -589,15 +620,24 @@ def plan_training(
     method.to(dev)
     scope = _resolve_scope(pick(memory_scope, "memory_scope", "auto"), dev)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        prober = _Prober(method, dev, num_classes, task_index, "reserved" if scope == "unified" else "allocated")
+        prober = _Prober(
+            method, dev, num_classes, task_index, "reserved" if scope == "unified" else "allocated"
+        )
         try:
             planner = _Planner(
-                method, prober, scope, budget_mb, batch_size, headroom=pick(headroom_mb, "headroom_mb", None),
+                method,
+                prober,
+                scope,
+                budget_mb,
+                batch_size,
+                headroom=pick(headroom_mb, "headroom_mb", None),
                 eval_batch_size=int(pick(eval_batch_size, "eval_batch_size", 64)),
-                train_images=train_images_per_task, verify=verify,
+                train_images=train_images_per_task,
+                verify=verify,
             )
-            precisions = _precisions(pick(precision, "precision", "fp32"),
-                                     bool(pick(allow_autocast, "allow_autocast", True)), dev)
+            precisions = _precisions(
+                pick(precision, "precision", "fp32"), bool(pick(allow_autocast, "allow_autocast", True)), dev
+            )
             plan = planner.plan(precisions, _reduction_rates(method, max_rate))
         finally:
             prober.close()
@@ -609,11 +649,26 @@ class _Planner:
     """The search behind :func:`plan_training`: probes lazily, in the order of the knobs."""
 
     def __init__(
-        self, method: Method, prober: _Prober, scope: str, budget_mb: float | None, batch: int, *,
-        headroom: float | None, eval_batch_size: int, train_images: int | None, verify: bool,
+        self,
+        method: Method,
+        prober: _Prober,
+        scope: str,
+        budget_mb: float | None,
+        batch: int,
+        *,
+        headroom: float | None,
+        eval_batch_size: int,
+        train_images: int | None,
+        verify: bool,
     ) -> None:
-        self.method, self.prober, self.scope, self.budget_mb, self.batch = method, prober, scope, budget_mb, batch
-        self.headroom_fixed, self.eval_bs, self.verify = headroom, eval_batch_size, verify
+        self.method = method
+        self.prober = prober
+        self.scope = scope
+        self.budget_mb = budget_mb
+        self.batch = batch
+        self.headroom_fixed = headroom
+        self.eval_bs = eval_batch_size
+        self.verify = verify
         self.cuda = prober.cuda
         self.meters = ["rss", "cuda"] if self.cuda else ["rss"]
         self.act_meter = "cuda" if self.cuda else "rss"
@@ -628,9 +683,14 @@ class _Planner:
         self.eval_runs: dict[str, dict[int, dict[str, float]]] = {}
         self.decisions: list[str] = []
         self.candidates: list[dict[str, Any]] = []
-        idle = {"rss": prober.idle_rss, "cuda": prober.idle_cuda if self.cuda else 0.0}
-        self.idle = idle
-        self.idle_budgeted = self.budgeted(idle)
+        self.idle = {"rss": prober.idle_rss, "cuda": prober.idle_cuda}
+        self.idle_budgeted = self.budgeted(self.idle)
+        self.factor = 1.0 if allocator_tuned() or self.cuda else UNTUNED_FACTOR
+        if self.factor != 1.0:
+            self.decisions.append(
+                f"allocator not tuned: measured increments x{self.factor} for heap fragmentation "
+                "(set tune_allocator: true for a tighter, measured plan)"
+            )
 
     # ---- the model ---------------------------------------------------------------------------------
     def on_device(self, meter: str) -> bool:
@@ -655,11 +715,12 @@ class _Planner:
             dev = self.on_device(meter)
             train = measured[meter] if measured is not None else fit.train_inc(meter, m)
             evaluation = ev[meter] + self.cache_mb * dev
-            out[meter] = self.idle[meter] + self.opt_mb * dev + max(train, evaluation) + self.input_mb * dev
+            inc = max(train, evaluation) * (self.factor if meter == "rss" else 1.0)
+            out[meter] = self.idle[meter] + self.opt_mb * dev + inc + self.input_mb * dev
         return out
 
     def headroom(self, peak: float) -> float:
-        """Safety margin kept below the budget: given, or max(8 MB, 10% of the peak above the idle baseline)."""
+        """Margin kept below the budget: given, or max(8 MB, 10% of the peak above the idle baseline)."""
         if self.headroom_fixed is not None:
             return float(self.headroom_fixed)
         return max(8.0, 0.10 * (peak - self.idle_budgeted))
@@ -756,7 +817,12 @@ class _Planner:
             if self.fits_budget(self.budgeted(self.peaks(fit, micro, ev))):
                 return micro
             smaller = next(
-                (m for m in range(micro - 1, 0, -1) if self.fits_budget(self.budgeted(self.peaks(fit, m, ev)))), None
+                (
+                    m
+                    for m in range(micro - 1, 0, -1)
+                    if self.fits_budget(self.budgeted(self.peaks(fit, m, ev)))
+                ),
+                None,
             )
             if smaller is None:
                 return None
@@ -765,14 +831,17 @@ class _Planner:
     # ---- the search ---------------------------------------------------------------------------------
     def minimum(self, precision: str, rate: float | None) -> float:
         """Smallest budget for ``precision`` and ``rate``: micro-batch 1, evaluation in batches of 1."""
-        return self.required(self.budgeted(self.peaks(self.fit_for(precision, rate), 1, self.eval_inc(precision, 1))))
+        return self.required(
+            self.budgeted(self.peaks(self.fit_for(precision, rate), 1, self.eval_inc(precision, 1)))
+        )
 
     def refuse(self, need: float, how: str, autocast: bool) -> BudgetError:
         """The error for a budget nothing fits."""
         return BudgetError(
-            f"memory budget {self.budget_mb:.0f} MB is too small to train {self.method.name} (batch {self.batch}) "
-            f"on {self.prober.device}: idle baseline {self.idle_budgeted:.0f} MB; the smallest budget that would "
-            f"work is {math.ceil(need)} MB ({how}{'' if autocast else '; autocast not allowed'})",
+            f"memory budget {self.budget_mb:.0f} MB is too small to train {self.method.name} "
+            f"(batch {self.batch}) on {self.prober.device}: idle baseline {self.idle_budgeted:.0f} MB; "
+            f"the smallest budget that would work is {math.ceil(need)} MB "
+            f"({how}{'' if autocast else '; autocast not allowed'})",
             minimum_mb=float(math.ceil(need)),
         )
 
@@ -788,16 +857,22 @@ class _Planner:
             ev = self.eval_inc(precision, bs)
         ok = [m for m in range(self.batch, 0, -1) if self.fits_budget(self.budgeted(self.peaks(fit, m, ev)))]
         micro = _balanced(self.batch, ok[0]) if ok else None
-        self.candidates.append({
-            "precision": precision, "reduction_rate": rate, "eval_batch_size": bs, "micro_batch_size": micro,
-            "peak_micro_1_mb": round(self.budgeted(self.peaks(fit, 1, ev)), 1),
-            "peak_full_batch_mb": round(self.budgeted(self.peaks(fit, self.batch, ev)), 1),
-        })
+        self.candidates.append(
+            {
+                "precision": precision,
+                "reduction_rate": rate,
+                "eval_batch_size": bs,
+                "micro_batch_size": micro,
+                "peak_micro_1_mb": round(self.budgeted(self.peaks(fit, 1, ev)), 1),
+                "peak_full_batch_mb": round(self.budgeted(self.peaks(fit, self.batch, ev)), 1),
+            }
+        )
         if micro is None or not self.verify:
             return None if micro is None else (fit, micro, bs, ev)
         micro = self.verify_micro(fit, micro, ev)
         if micro is None:
             return None
+
         # evaluation predicted from small probes: measure it at the chosen batch when it could matter
         def eval_could_break(ev: dict[str, float]) -> bool:  # were the extrapolation 25% low
             worse = {k: v * 1.25 for k, v in ev.items()}
@@ -833,26 +908,33 @@ class _Planner:
             if chosen is not None:
                 break
         if chosen is None:  # only when memory does not fall with r / precision as assumed
-            need, how = min((self.minimum(p, r), f"micro-batch 1, r {r}, {p}") for p in precisions for r in rates)
+            need, how = min(
+                (self.minimum(p, r), f"micro-batch 1, r {r}, {p}") for p in precisions for r in rates
+            )
             raise self.refuse(need, how, autocast)
         return self._plan(chosen, precisions, rates)
 
     def _plan(
-        self, chosen: tuple[_Fit, int, int, dict[str, float]], precisions: list[str], rates: list[float | None]
+        self,
+        chosen: tuple[_Fit, int, int, dict[str, float]],
+        precisions: list[str],
+        rates: list[float | None],
     ) -> Plan:
         fit, micro, bs, ev = chosen
         batch = self.batch
         if fit.precision != precisions[0]:
             self.decisions.append(
-                f"{fit.precision} autocast: {precisions[0]} did not fit even at micro-batch 1 with r {rates[-1]}"
+                f"{fit.precision} autocast: {precisions[0]} did not fit even at micro-batch 1, r {rates[-1]}"
             )
         if fit.rate is not None and fit.rate != rates[0]:
-            self.decisions.append(f"reduction rate raised {rates[0]:g} -> {fit.rate:g}: micro-batch 1 did not fit")
+            self.decisions.append(
+                f"reduction rate raised {rates[0]:g} -> {fit.rate:g}: micro-batch 1 did not fit"
+            )
         if micro < batch:
             full = self.budgeted(self.peaks(fit, batch, ev))
             self.decisions.append(
-                f"micro-batch {micro} x {math.ceil(batch / micro)} steps: the whole batch {batch} would peak at "
-                f"{full:.0f} MB (+{self.headroom(full):.0f} MB headroom)"
+                f"micro-batch {micro} x {math.ceil(batch / micro)} steps: the whole batch {batch} would "
+                f"peak at {full:.0f} MB (+{self.headroom(full):.0f} MB headroom)"
             )
         if bs < self.eval_bs:
             self.decisions.append(f"eval batch lowered {self.eval_bs} -> {bs} (evaluation, phase-2 caching)")
@@ -861,9 +943,11 @@ class _Planner:
         verified = None
         if self.verify and micro in fit.probed:
             verified = self.budgeted(self.peaks(fit, micro, ev, measured=fit.probed[micro]))
-        ev_peaks = {
-            meter: self.idle[meter] + self.opt_mb * self.on_device(meter) + ev[meter] for meter in self.meters
-        }
+        ev_peaks = {}
+        for meter in self.meters:
+            dev = self.on_device(meter)
+            inc = (ev[meter] + self.cache_mb * dev) * (self.factor if meter == "rss" else 1.0)
+            ev_peaks[meter] = self.idle[meter] + self.opt_mb * dev + inc + self.input_mb * dev
         backbone = self.method.backbone
         weights = sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()])
         return Plan(
@@ -913,7 +997,7 @@ def apply_plan(
     and, when given, the live ``method`` config (reduction rate)."""
     if train_config.batch_size != plan.batch_size:
         raise ValueError(
-            f"the plan is for batch {plan.batch_size}, the training config has batch {train_config.batch_size}"
+            f"the plan is for batch {plan.batch_size}, the training config has {train_config.batch_size}"
         )
     train_config.micro_batch_size = plan.micro_batch_size
     train_config.precision = plan.precision
@@ -941,7 +1025,12 @@ class BudgetGuard(Callback):
     """
 
     def __init__(
-        self, budget: Plan | float, *, memory_scope: str | None = None, strict: bool = True, in_step: bool = True
+        self,
+        budget: Plan | float,
+        *,
+        memory_scope: str | None = None,
+        strict: bool = True,
+        in_step: bool = True,
     ) -> None:
         self.plan = budget if isinstance(budget, Plan) else None
         if isinstance(budget, Plan):
@@ -958,7 +1047,7 @@ class BudgetGuard(Callback):
         self._handles: list[Any] = []
         self._device = torch.device("cpu")
         self._last_peak = 0.0
-        self._pending: str | None = None
+        self._pending: list[str] = []
         self._seen_adaptations = 0
 
     # ---- measurements --------------------------------------------------------------------------------
@@ -1012,11 +1101,20 @@ class BudgetGuard(Callback):
         if use <= self.budget_mb:
             return
         micro = self._micro()
-        msg = f"measured {self.scope} {use:.0f} MB > budget {self.budget_mb:.0f} MB during the step (micro-batch {micro})"
-        self.violations.append({**self._where(), "measured_mb": round(use, 1), "micro_batch_size": micro,
-                                "action": "redo step with half the micro-batch" if micro > 1 else "none (micro-batch 1)"})
+        msg = (
+            f"measured {self.scope} {use:.0f} MB > budget {self.budget_mb:.0f} MB during the step "
+            f"(micro-batch {micro})"
+        )
+        self.violations.append(
+            {
+                **self._where(),
+                "measured_mb": round(use, 1),
+                "micro_batch_size": micro,
+                "action": "redo step with half the micro-batch" if micro > 1 else "none (micro-batch 1)",
+            }
+        )
         if micro > 1 or self.strict:
-            self._pending = msg
+            self._pending.append(msg)
             raise BudgetExceeded(msg)
 
     def _where(self) -> dict[str, Any]:
@@ -1046,26 +1144,36 @@ class BudgetGuard(Callback):
 
     def on_step_end(self, trainer: Trainer, task: int, epoch: int, step: int, loss: float) -> None:
         """Name in-step adaptations; halve from the next step if the peak rose over the budget."""
-        for entry in trainer.state.adaptations[self._seen_adaptations:]:
+        for entry in trainer.state.adaptations[self._seen_adaptations :]:
             if self._pending and entry.get("reason") == "out of memory":
-                entry["reason"] = self._pending
-        self._pending = None
+                entry["reason"] = self._pending.pop(0)
+        self._pending.clear()
         peak = self.peak_mb()
         if peak > self.budget_mb and peak > self._last_peak + 0.5:
             micro = self._micro()
-            self.violations.append({**self._where(), "measured_peak_mb": round(peak, 1), "micro_batch_size": micro,
-                                    "action": "halve from the next step" if micro > 1 else "none (micro-batch 1)"})
+            self.violations.append(
+                {
+                    **self._where(),
+                    "measured_peak_mb": round(peak, 1),
+                    "micro_batch_size": micro,
+                    "action": "halve from the next step" if micro > 1 else "none (micro-batch 1)",
+                }
+            )
             if micro > 1:
                 trainer.set_micro_batch_size(
-                    micro // 2, f"measured peak {peak:.0f} MB > budget {self.budget_mb:.0f} MB (from the next step)"
+                    micro // 2,
+                    f"measured peak {peak:.0f} MB > budget {self.budget_mb:.0f} MB (from the next step)",
                 )
         self._last_peak = max(self._last_peak, peak)
         self._seen_adaptations = len(trainer.state.adaptations)
 
     def on_task_end(self, trainer: Trainer, task: int, record: dict[str, Any]) -> None:
         """Add the peak so far to the task's record."""
-        record["memory_budget"] = {"budget_mb": self.budget_mb, "peak_mb": round(self.peak_mb(), 1),
-                                   "micro_batch_size": self._micro()}
+        record["memory_budget"] = {
+            "budget_mb": self.budget_mb,
+            "peak_mb": round(self.peak_mb(), 1),
+            "micro_batch_size": self._micro(),
+        }
 
     def on_run_end(self, trainer: Trainer, results: dict[str, Any]) -> None:
         """Remove the hooks and store the summary in the results."""
@@ -1077,4 +1185,3 @@ class BudgetGuard(Callback):
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         """Remove the hooks."""
         self._remove()
-

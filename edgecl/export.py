@@ -108,6 +108,9 @@ _FOLDABLE: tuple[tuple[Any, str], ...] = (
 (statistics of buffers, e.g. a task identifier's covariance solve) they are evaluated once at export and
 stored as constants; where they depend on the input, tracing reaches them and the export fails."""
 
+_JIT: Any = torch._C
+"""TorchScript tracer hooks (``_get_tracing_state`` and friends) that the folding wrappers use."""
+
 _EXPORT_LOCK = threading.Lock()
 """``torch.onnx.export`` keeps global state: one export at a time per process."""
 
@@ -316,7 +319,7 @@ def exportable_reason(method: Method | str) -> str | None:
 def _depends_on_input(tensor: Tensor, graph_input: Any) -> bool:
     """Whether the traced value of ``tensor`` is computed from the graph's first input (the images)."""
     try:
-        value = torch._C._get_value_trace(tensor)
+        value = _JIT._get_value_trace(tensor)
     except RuntimeError:
         return False  # not seen by the tracer: a fresh constant
     target = graph_input.unique()
@@ -339,27 +342,25 @@ def _fold_input_independent_ops(folded: list[str]) -> Iterator[None]:
 
     Other threads are unaffected: the wrappers call the original op whenever this thread is not tracing.
     """
-    if not all(
-        hasattr(torch._C, n) for n in ("_get_tracing_state", "_set_tracing_state", "_get_value_trace")
-    ):
+    if not all(hasattr(_JIT, n) for n in ("_get_tracing_state", "_set_tracing_state", "_get_value_trace")):
         yield
         return
     saved = []
 
     def make(fn: Callable[..., Any], qualname: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            state = torch._C._get_tracing_state()
+            state = _JIT._get_tracing_state()
             if state is None:
                 return fn(*args, **kwargs)
             graph_input = next(iter(state.graph().inputs()))
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
             if any(_depends_on_input(t, graph_input) for t in tensors):
                 return fn(*args, **kwargs)
-            torch._C._set_tracing_state(None)
+            _JIT._set_tracing_state(None)
             try:
                 out = fn(*args, **kwargs)
             finally:
-                torch._C._set_tracing_state(state)
+                _JIT._set_tracing_state(state)
             if qualname not in folded:
                 folded.append(qualname)
             return out
@@ -495,9 +496,15 @@ def export_model(
         x = _example_batch(_PARITY_BATCH, info, seed=1)
         with torch.inference_mode():
             ref = graph(x).float()
-        session = _session(str(tmp), torch.get_num_threads(), ["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-        del session
+        try:
+            session = _session(str(tmp), torch.get_num_threads(), ["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+        except Exception as err:
+            raise ExportError(
+                f"onnxruntime cannot run the exported graph of '{info.method}' on a batch of {_PARITY_BATCH} "
+                f"(traced with {_TRACE_BATCH}): {_first_line(err)}; the trace probably froze a batch-size or "
+                "data-dependent value"
+            ) from err
         diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
         if not diff <= tolerance:
             hint = f"; ops folded to constants at export: {', '.join(folded)}" if folded else ""
@@ -568,7 +575,9 @@ def export_checkpoint(
     _validate_opset(opset)
     if backbone is None:
         _require_rebuildable(checkpoint_dir, weights)
-    return export_model(load_model(checkpoint_dir, weights=weights, backbone=backbone), out_path, opset=opset)
+    return export_model(
+        load_model(Path(checkpoint_dir), weights=weights, backbone=backbone), out_path, opset=opset
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -745,7 +754,7 @@ class TorchPredictor(Predictor):
         from edgecl.train.model_io import load_model
 
         _require_rebuildable(directory, weights)
-        return cls(load_model(directory, weights=weights, device=device), batch_size=batch_size)
+        return cls(load_model(Path(directory), weights=weights, device=device), batch_size=batch_size)
 
     def logits(self, x: Tensor) -> Tensor:
         """PyTorch logits of a preprocessed batch over the learned classes."""

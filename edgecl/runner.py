@@ -167,8 +167,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def default_callbacks(spec: RunSpec) -> list[Callback]:
-    """Telemetry (when enabled) and a progress bar (when asked)."""
-    callbacks: list[Callback] = []
+    """Telemetry (when enabled), test-set task-identification accuracy (methods with ``predict_task``),
+    and a progress bar (when asked)."""
+    from edgecl.methods.tii import TaskIdentificationCallback
+
+    callbacks: list[Callback] = [TaskIdentificationCallback()]
     if spec.telemetry:
         from edgecl.telemetry import TelemetryCallback, detect_backends
 

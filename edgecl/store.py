@@ -389,7 +389,7 @@ class Store:
             ).fetchall()
         return [TaskRecord.from_row(r) for r in rows]
 
-    def mark_learned(self, task_id: int, job_id: int, record: dict[str, Any] | None) -> int:
+    def mark_learned(self, task_id: int, job_id: int | None, record: dict[str, Any] | None) -> int:
         """Record that ``task_id`` is now part of the committed model; returns its learning position."""
         with self.transaction() as conn:
             row = conn.execute("SELECT status, learned_seq FROM tasks WHERE id = ?", (task_id,)).fetchone()

@@ -112,6 +112,21 @@ def test_hdr_inside_the_method_same_in_training_and_inference(backbone: FrozenVi
     assert torch.allclose(diff[:, ~a1], torch.zeros_like(diff[:, ~a1]), atol=1e-6)
 
 
+def test_each_image_uses_its_own_router(backbone: FrozenViT) -> None:
+    m = _method(backbone).eval()
+    m.begin_task(_task(0))
+    m.activation_counts.copy_(torch.tensor([0, 4, 0, 0, 6, 0, 0, 0]))
+    m.begin_task(_task(1))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        mixed = m.task_features(x, torch.tensor([0, 1, 1, 0]))
+        all0 = m.task_features(x, torch.zeros(4, dtype=torch.long))
+        all1 = m.task_features(x, torch.ones(4, dtype=torch.long))
+    assert torch.allclose(mixed[[0, 3]], all0[[0, 3]], atol=1e-5)
+    assert torch.allclose(mixed[[1, 2]], all1[[1, 2]], atol=1e-5)
+    assert not torch.allclose(all0, all1, atol=1e-3)
+
+
 # ---- HGM -------------------------------------------------------------------------------------------
 def _one_adam_step(backbone: FrozenViT, hgm: bool) -> tuple[Hash, torch.Tensor, list[torch.Tensor]]:
     m = _method(backbone, hgm=hgm, hdr=False, beta=0.1, pool_size=4, top_k=4, active_set_size=2)
@@ -168,7 +183,9 @@ def test_tii_identifies_tasks_from_class_statistics(kind: str) -> None:
 
 def test_config_validation() -> None:
     assert build_config("hash", {"layers": [0, 1]}).layers == (0, 1)  # type: ignore[attr-defined]
-    for bad in ({"top_k": 9}, {"beta": 1.5}, {"delta": -1.0}, {"tii": "knn"}, {"layers": []}):
+    bads: list[dict[str, Any]] = [{"top_k": 9}, {"beta": 1.5}, {"delta": -1.0}, {"tii": "knn"}]
+    bads.append({"layers": []})
+    for bad in bads:
         with pytest.raises(ValueError):
             build_config("hash", bad)
 

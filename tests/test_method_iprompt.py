@@ -5,36 +5,37 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from edgecl.backbone import FrozenViT, load_backbone
+from edgecl.backbone import FrozenViT
 from edgecl.data import synthetic_stream
 from edgecl.methods import Phase, TaskInfo, build_config, create_method, list_methods
 from edgecl.methods.iprompt import IPrompt, _IPromptHooks, match_tokens
 from edgecl.train.callbacks import Callback
+from edgecl.train.model_io import load_model
 from edgecl.train.trainer import TrainConfig, Trainer
 
 FAST = {"expected_tasks": 2, "pool_size": 8, "match_stats": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny models only lose time to thread hand-offs on shared cores."""
+@pytest.fixture(autouse=True)
+def _one_thread(_threads_and_seed: None) -> Iterator[None]:
+    """One thread (after conftest's 2): tiny models lose ~8x CPU to thread hand-offs on shared cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def backbone() -> FrozenViT:
-    torch.manual_seed(0)
-    return load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
+@pytest.fixture()
+def backbone(tiny_vit: FrozenViT) -> FrozenViT:
+    """conftest's random ViT-Tiny, 32 px / patch 8 (16 patches + CLS)."""
+    return tiny_vit
 
 
 def make(backbone: FrozenViT, **overrides: Any) -> IPrompt:
@@ -61,12 +62,12 @@ def test_matching_picks_highest_cosine_by_hand() -> None:
     pool_keys = torch.tensor([[1.0, 0.1], [0.0, 5.0], [-2.0, -1.0], [1.0, 1.0]])
     expected_idx, expected_cos = [], []
     for tk in token_keys[0].tolist():
-        cos = [
+        row = [
             (tk[0] * pk[0] + tk[1] * pk[1]) / (math.hypot(*tk) * math.hypot(*pk)) for pk in pool_keys.tolist()
         ]
-        best = max(range(len(cos)), key=cos.__getitem__)
+        best = max(range(len(row)), key=row.__getitem__)
         expected_idx.append(best)
-        expected_cos.append(cos[best])
+        expected_cos.append(row[best])
     assert expected_idx == [0, 1, 2, 3]  # the hand example covers every entry
     idx, cos = match_tokens(token_keys, pool_keys)
     assert idx.tolist() == [expected_idx]
@@ -103,7 +104,7 @@ def test_cls_attention_readout_matches_explicit_attention(backbone: FrozenViT) -
     feats, hooks = method._forward(x, train=False)
     # recompute the last block's input with the same prompted pass, then its attention explicitly
     captured: dict[str, Tensor] = {}
-    last = backbone.vit.blocks[-1]
+    last: Any = list(cast(nn.ModuleList, backbone.vit.blocks))[-1]
     handle = last.norm1.register_forward_hook(lambda _m, _i, out: captured.setdefault("xn", out))
     tokens = method._forward(x, train=False)[0]
     handle.remove()
@@ -120,10 +121,8 @@ def test_cls_attention_readout_matches_explicit_attention(backbone: FrozenViT) -
 def _count_block_runs(backbone: FrozenViT) -> tuple[list[int], list[Any]]:
     """Each block's MLP runs once per block execution, in timm's fused block and in the hooked path."""
     calls = [0]
-    handles = [
-        blk.mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        for blk in backbone.vit.blocks
-    ]
+    blocks: list[Any] = list(cast(nn.ModuleList, backbone.vit.blocks))
+    handles = [blk.mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for blk in blocks]
     return calls, handles
 
 
@@ -211,10 +210,11 @@ def test_per_task_allocation_freezes_earlier_entries(backbone: FrozenViT) -> Non
         assert not torch.equal(p[s:f], before[n][s:f]), n
 
 
-def test_end_to_end_two_tasks(backbone: FrozenViT) -> None:
+def test_end_to_end_two_tasks(backbone: FrozenViT, tmp_path: Path) -> None:
     stream = synthetic_stream(2, classes_per_task=2, per_class=16)
     method = make(backbone)
-    results = Trainer(method, stream, TrainConfig(epochs=2, batch_size=16, eval_batch_size=32)).fit()
+    cfg = TrainConfig(epochs=2, batch_size=16, eval_batch_size=32, model_dir=str(tmp_path / "model"))
+    results = Trainer(method, stream, cfg).fit()
     acc = results["accuracy_matrix"]
     assert [len(r) for r in acc] == [1, 2]
     assert all(0.0 <= a <= 1.0 for row in acc for a in row)
@@ -222,6 +222,12 @@ def test_end_to_end_two_tasks(backbone: FrozenViT) -> None:
     assert results["tasks"][0]["iprompt_own_entry_rate"] == pytest.approx(1.0)
     assert 0.0 <= results["tasks"][1]["iprompt_own_entry_rate"] <= 1.0
     assert math.isfinite(results["forgetting"])
+    # the finished model reloads (config, pool task, tensors) and predicts exactly as trained
+    loaded = load_model(tmp_path / "model", backbone=backbone)
+    x = torch.randn(3, 3, 32, 32)
+    method.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(x), method(x))
 
 
 class _Interrupt(Callback):

@@ -61,7 +61,8 @@ def free_port() -> int:
 class Server:
     """``python -m edgecl serve`` in its own process group, with its log in ``workdir/server-N.log``."""
 
-    def __init__(self, workdir: Path, data_dir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, data_dir: Path, *extra: str, profile: str = PROFILE) -> None:
+        self.profile_text = profile
         self.workdir = workdir
         self.data_dir = data_dir
         self.extra = list(extra)
@@ -76,7 +77,7 @@ class Server:
 
     def start(self, timeout: float = 240.0) -> Server:
         profile = self.workdir / "profile.yaml"
-        profile.write_text(PROFILE)
+        profile.write_text(self.profile_text)
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECL_")}
         env.update(EDGECL_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
         self.starts += 1
@@ -140,8 +141,8 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []
 
-    def make(*extra: str, data_dir: Path | None = None) -> Server:
-        server = Server(tmp_path, data_dir or tmp_path / "data", *extra)
+    def make(*extra: str, data_dir: Path | None = None, profile: str = PROFILE) -> Server:
+        server = Server(tmp_path, data_dir or tmp_path / "data", *extra, profile=profile)
         servers.append(server)
         return server
 
@@ -496,22 +497,46 @@ def test_kill9_during_training_resumes_from_the_last_epoch(server_factory: Any, 
         assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
         time.sleep(0.05)
     epochs_done = job["details"]["epochs_done"]
+    assert client.get(f"/v1/jobs/{job2}").json()["status"] == "queued"
     server.kill9()
     assert epochs_done < 6
     server.start()
     client = server.client()
-    assert client.get(f"/v1/jobs/{job2}").json()["status"] == "queued"  # queued jobs stay queued
     job = wait_job(client, job1)
     assert job["status"] == "done", (job, server.log())
     resume = job["resumes"][-1]
     assert resume["task_id"] == 1 and epochs_done <= resume["epoch"] < 6, job["resumes"]
     assert job["results"][0]["resumed_after_epoch"] == resume["epoch"]
     assert f"task 1 resumes after epoch {resume['epoch']}" in server.log()
-    assert wait_job(client, job2)["status"] == "done"
+    second = wait_job(client, job2)
+    assert second["status"] == "done"
+    assert second["resumes"] == [] and second["started_at"] >= job["finished_at"]  # it stayed queued
     tasks = client.get("/v1/tasks").json()["tasks"]
     assert [(t["id"], t["status"]) for t in tasks] == [(1, "learned"), (2, "learned")]
     assert client.get("/v1/model").json()["version"] == 2
     assert not (server.data_dir / "jobs" / str(job1)).exists()  # a finished job's checkpoint is dropped
+
+
+@pytest.mark.slow
+def test_onnxruntime_engine_and_memory_budget(server_factory: Any, tmp_path: Path) -> None:
+    pytest.importorskip("edgecl.export")
+    pytest.importorskip("edgecl.budget")
+    onnx_profile = PROFILE.replace("inference_engine: torch", "inference_engine: onnxruntime")
+    server = server_factory("--memory-budget-mb", "50000", profile=onnx_profile)
+    client = server.start().client()
+    task = archive(synthetic_task(tmp_path / "t", 2, 6), "zip")
+    assert client.post("/v1/tasks", files={"file": (task.name, task.read_bytes())}).status_code == 201
+    job = wait_job(client, client.post("/v1/jobs", json={"epochs": 1}).json()["job_id"])
+    assert job["status"] == "done", (job, server.log())
+    plan = job["results"][0]["memory_plan"]  # the planner fitted the task into the budget
+    assert plan["budget_mb"] == 50000 and plan["micro_batch_size"] >= 1, plan
+    assert job["telemetry"]["memory_budget_mb"] == 50000
+    query = sorted((tmp_path / "t" / "synthetic-001").iterdir())[0].read_bytes()
+    r = client.post("/v1/predict", files={"file": ("q.jpg", query)})
+    assert r.status_code == 200, r.text
+    assert (r.json()["engine"], r.json()["model_version"]) == ("onnxruntime", 1)
+    assert (server.data_dir / "onnx" / "model-v1.onnx").is_file()
+    assert client.get("/v1/model").json()["engine"] == "onnxruntime"
 
 
 # ------------------------------------------------------------------------------------------- docs

@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ABLATIONS", "RunOutcome", "RunPlan", "error_summary", "execute_run", "plan_runs", "tail_lines"]
+__all__ = [
+    "ABLATIONS",
+    "ABLATION_REFERENCE",
+    "RunOutcome",
+    "RunPlan",
+    "error_summary",
+    "execute_run",
+    "plan_runs",
+    "prepare_specs",
+    "tail_lines",
+]
 
 ABLATIONS: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
     "cps": (
@@ -259,10 +269,36 @@ def execute_run(
         if returncode == 0 and not reported:
             reported = "child exited 0 but wrote no results"
         outcome = RunOutcome(
-            plan, "failed", returncode, wall, None, error_summary(returncode, text_tail, reported),
-            data.get("traceback"), text_tail,
+            plan,
+            "failed",
+            returncode,
+            wall,
+            None,
+            error_summary(returncode, text_tail, reported),
+            data.get("traceback"),
+            text_tail,
         )
     record = outcome.to_dict()
     record["stderr_tail"] = text_tail
     result_path.write_text(json.dumps(record))
     return outcome
+
+
+def prepare_specs(request: dict[str, Any], work_dir: Path, python: str | None = None) -> dict[str, Any]:
+    """Per-method spec dicts, registered methods and the machine, from a helper child (see the worker).
+
+    Raises ``ValueError`` with the helper's error (a bad profile, say)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    req_path, out_path = work_dir / "specs_request.json", work_dir / "specs.json"
+    req_path.write_text(json.dumps(request, indent=1))
+    out_path.unlink(missing_ok=True)
+    cmd = [python or sys.executable, "-m", "edgecl.bench.worker", "--specs", str(req_path), str(out_path)]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    data = _load_json(out_path) or {}
+    req_path.unlink(missing_ok=True)
+    out_path.unlink(missing_ok=True)
+    if proc.returncode != 0 or data.get("status") != "ok":
+        tail = tail_lines(proc.stdout + proc.stderr)
+        why = error_summary(proc.returncode, tail, data.get("error"))
+        raise ValueError(f"could not build the run specs: {why}")
+    return data

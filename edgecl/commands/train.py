@@ -19,6 +19,12 @@ METHOD_FLAGS = {
     "sampling": str,
     "lr": float,
     "expected_tasks": int,
+    "pool_size": int,
+    "top_k": int,
+    "delta": float,
+    "beta": float,
+    "hdr": bool,
+    "hgm": bool,
 }
 
 
@@ -62,6 +68,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling", choices=["critical", "uniform", "topk"], default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--expected-tasks", type=int, default=None, help="tasks prompt pools are split over")
+    g.add_argument("--pool-size", type=int, default=None, help="prompt pool size (CODA, L2P, Hash)")
+    g.add_argument("--top-k", type=int, default=None, help="prompts/experts selected per image (L2P, Hash)")
+    g.add_argument("--delta", type=float, default=None, help="Hash HDR penalty δ")
+    g.add_argument("--beta", type=float, default=None, help="Hash HGM update scale β")
+    g.add_argument("--hdr", action=argparse.BooleanOptionalAction, default=None, help="Hash: HDR on/off")
+    g.add_argument("--hgm", action=argparse.BooleanOptionalAction, default=None, help="Hash: HGM on/off")
     g.add_argument(
         "--set",
         dest="overrides",
@@ -152,20 +164,25 @@ def print_results(results: dict[str, Any]) -> None:
     if results["dataset"].get("synthetic"):
         title += "  [SYNTHETIC data]"
     table = Table(title=title)
-    for col in ("task", "classes", "acc (seen)", "acc (this task)", "train s", "peak MB", "energy J"):
+    tii = any("task_identification_accuracy" in rec for rec in results["tasks"])
+    cols = ["task", "classes", "acc (seen)", "acc (this task)", "train s", "peak MB", "energy J"]
+    for col in cols + (["task id acc"] if tii else []):
         table.add_column(col, justify="right")
     for rec in results["tasks"]:
         energy = (rec.get("telemetry") or {}).get("task", {}).get("energy_j")
-        classes = rec["classes"]
-        table.add_row(
+        row = [
             str(rec["task"] + 1),
-            f"{len(classes)} ({classes[0]}…)" if classes else "0",
+            str(len(rec["classes"])),
             f"{100 * rec['average_accuracy']:.1f}%",
             f"{100 * rec['accuracy'][-1]:.1f}%",
             f"{rec['train_seconds']:.1f}" if rec.get("train_seconds") is not None else "-",
             f"{rec['peak_memory_mb']:.0f}" if rec.get("peak_memory_mb") is not None else "-",
             f"{energy:.1f}" if energy is not None else "no sensor",
-        )
+        ]
+        if tii:
+            value = rec.get("task_identification_accuracy")
+            row.append(f"{100 * value:.1f}%" if value is not None else "-")
+        table.add_row(*row)
     console.print(table)
     console.print(
         f"final average accuracy {100 * results['final_average_accuracy']:.2f}%  "

@@ -71,11 +71,25 @@ class CodaPrompt(Method):
         super().begin_task(task)
         self.prompt.set_task(task.index, reinit=True)
 
-    def prompted(self, x: Tensor, train: bool, keep: Tensor | None = None, query: Tensor | None = None) -> Tensor:
-        """The prompted pass (optionally on a patch subset) with prompts from the query CLS feature."""
+    def prompted(
+        self,
+        x: Tensor,
+        train: bool,
+        keep: Tensor | None = None,
+        query: Tensor | None = None,
+        tokens: Tensor | None = None,
+    ) -> Tensor:
+        """The prompted pass (optionally on a patch subset) with prompts from the query CLS feature.
+
+        ``tokens`` are ``x`` already embedded (the query pass's, ``QueryOutput.tokens``); when ``query`` is
+        not given the query pass runs here and its embedded tokens are reused.
+        """
         if query is None:
-            query = self.backbone.query(x).cls
-        return self.backbone(x, prefixes=self.prompt.prefixes(query, train=train), keep=keep)
+            q = self.backbone.query(x, keep_tokens=tokens is None)
+            query = q.cls
+            if tokens is None:
+                tokens = q.tokens
+        return self.backbone(x, prefixes=self.prompt.prefixes(query, train=train), keep=keep, tokens=tokens)
 
     def features(self, x: Tensor) -> Tensor:
         """Inference: full patches, all components learned so far."""

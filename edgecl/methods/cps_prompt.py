@@ -91,8 +91,8 @@ class CpsPrompt(CodaPrompt):
         """Phase 1: query pass for q and scores, then the prompted pass on the sampled patches."""
         if phase is not Phase.SPARSE or self.cfg.reduction_rate == 0.0:
             return self.prompted(x, train=True)
-        q = self.backbone.query(x)
-        return self.prompted(x, train=True, keep=self.select(q.scores), query=q.cls)
+        q = self.backbone.query(x, keep_tokens=True)
+        return self.prompted(x, train=True, keep=self.select(q.scores), query=q.cls, tokens=q.tokens)
 
     def phase_transform(self, phase: Phase) -> str:
         """Phase 2 uses ``phase2_transform``; phase 1 the random train transform."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,9 @@ class IPromptConfig(MethodConfig):
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.readout == "match_sim" and self.prompt_target != "image_tokens":
-            raise ValueError("readout='match_sim' needs prompt_target='image_tokens' (one cosine per image token)")
+            raise ValueError(
+                "readout='match_sim' needs prompt_target='image_tokens' (one cosine per image token)"
+            )
         if self.match_lambda < 0:
             raise ValueError(f"match_lambda must be >= 0, got {self.match_lambda}")
         if self.prompt_init_std < 0:
@@ -212,6 +214,8 @@ class _IPromptHooks(LayerHooks):
         self.m = method
         self.train = train
         self.last = method.backbone.depth - 1
+        blocks = cast(nn.ModuleList, method.backbone.vit.blocks)
+        self.last_attn: Any = blocks[self.last].attn
         self.need_attn = method.cfg.readout == "cls_attn"
         self.n_pre = method.backbone.info.num_prefix_tokens
         self.cos: list[Tensor] = []
@@ -227,7 +231,7 @@ class _IPromptHooks(LayerHooks):
     def attn_out(self, layer: int, x_norm: Tensor, out: Tensor) -> Tensor:
         """Keep the last block's CLS query (one D x D product per image, no second pass)."""
         if self.need_attn and layer == self.last:
-            attn = self.m.backbone.vit.blocks[layer].attn
+            attn = self.last_attn
             d = x_norm.shape[-1]
             bias = attn.qkv.bias[:d] if attn.qkv.bias is not None else None
             q = F.linear(x_norm[:, :1], attn.qkv.weight[:d], bias)  # B x 1 x D
@@ -238,7 +242,7 @@ class _IPromptHooks(LayerHooks):
     def block_out(self, layer: int, x: Tensor, keys: Tensor) -> Tensor:
         """Record the CLS attention (last block) and add the matched prompts to the target tokens."""
         if self.need_attn and layer == self.last:
-            self.cls_attn = self._cls_attention(layer, keys)
+            self.cls_attn = self._cls_attention(keys)
         if layer not in self.m.prompt.layers:
             return x
         sl = slice(self.n_pre, None) if self.m.cfg.prompt_target == "image_tokens" else slice(0, 1)
@@ -252,10 +256,10 @@ class _IPromptHooks(LayerHooks):
             return torch.cat([x[:, : self.n_pre], x[:, self.n_pre :] + prompt], dim=1)
         return torch.cat([x[:, :1] + prompt, x[:, 1:]], dim=1)
 
-    def _cls_attention(self, layer: int, keys: Tensor) -> Tensor:
-        """Head-averaged CLS->image-token attention of block ``layer``, renormalised: ``B x N``."""
+    def _cls_attention(self, keys: Tensor) -> Tensor:
+        """Head-averaged CLS->image-token attention of the last block, renormalised: ``B x N``."""
         assert self._q_cls is not None, "attn_out must run before block_out"
-        attn = self.m.backbone.vit.blocks[layer].attn
+        attn = self.last_attn
         b, t, d = keys.shape
         k = keys.reshape(b, t, attn.num_heads, d // attn.num_heads).transpose(1, 2)  # B x H x T x dh
         logits = (self._q_cls.to(k.dtype) * attn.scale) @ k.transpose(-2, -1)  # B x H x 1 x T
@@ -304,7 +308,9 @@ class IPrompt(Method):
         self._stats = {}
 
     # ---- forward -----------------------------------------------------------------------------
-    def _forward(self, x: Tensor, train: bool, record_from: int | None = None) -> tuple[Tensor, _IPromptHooks]:
+    def _forward(
+        self, x: Tensor, train: bool, record_from: int | None = None
+    ) -> tuple[Tensor, _IPromptHooks]:
         """The single prompted pass and the readout; returns (features ``B x D``, the hook state)."""
         hooks = _IPromptHooks(self, train, record_from)
         tokens = self.backbone(x, hooks=hooks, return_tokens=True)
@@ -335,7 +341,9 @@ class IPrompt(Method):
         """Training: one prompted pass; remembers the matching loss for :meth:`extra_loss`."""
         feats, hooks = self._forward(x, train=True)
         loss = hooks.match_loss()
-        self._match_loss = None if loss is None or self.cfg.match_lambda == 0 else self.cfg.match_lambda * loss
+        self._match_loss = (
+            None if loss is None or self.cfg.match_lambda == 0 else self.cfg.match_lambda * loss
+        )
         return feats
 
     def extra_loss(self) -> Tensor | None:

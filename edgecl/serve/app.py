@@ -34,7 +34,7 @@ from edgecl.data.ingest import (
     parse_labels,
     safe_display_name,
 )
-from edgecl.serve.auth import BearerAuthMiddleware, BodySizeLimitMiddleware
+from edgecl.serve.auth import BearerAuthMiddleware, BodySizeLimitMiddleware, RequestTooLarge
 from edgecl.serve.config import ServeSettings, resolve_precision
 from edgecl.serve.metrics import CONTENT_TYPE, Counters, MetricsWriter
 from edgecl.serve.predictor import ModelHolder, check_engine
@@ -62,13 +62,17 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    method: str | None = Field(None, description="registered method; default: the profile's method")
-    task_ids: list[int] | None = Field(None, description="tasks to learn in this order; default: all pending")
-    epochs: int | None = Field(None, ge=1, le=10_000, description="epochs per task; default: the profile's")
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    micro_batch_size: int | None = Field(None, ge=1, le=4096)
-    seed: int | None = Field(None, ge=0)
-    precision: str | None = Field(None, description="fp32, bf16, fp16 or auto")
+    method: str | None = Field(default=None, description="registered method; default: the profile's method")
+    task_ids: list[int] | None = Field(
+        default=None, description="tasks to learn in this order; default: all pending"
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, le=10_000, description="epochs per task; default: the profile's"
+    )
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    micro_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    seed: int | None = Field(default=None, ge=0)
+    precision: str | None = Field(default=None, description="fp32, bf16, fp16 or auto")
     method_options: dict[str, Any] = Field(
         default_factory=dict, description="method options (also top level)"
     )
@@ -84,7 +88,7 @@ class JobAccepted(BaseModel):
 
 def _multipart(fields: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """``openapi_extra`` documenting a multipart body parsed by hand: {field: (kind, description)}."""
-    kinds = {
+    kinds: dict[str, dict[str, Any]] = {
         "file": {"type": "string", "format": "binary"},
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "string": {"type": "string"},
@@ -245,7 +249,7 @@ class ServeContext:
         explicit = {**body.method_options, **(body.model_extra or {})}
         resolve_method_options(method, prof, explicit, read_checkpoint_meta(self.store.model_dir))
         device = self.settings.device
-        options = {
+        options: dict[str, Any] = {
             "epochs": body.epochs or prof.epochs,
             "batch_size": body.batch_size or prof.batch_size,
             "micro_batch_size": body.micro_batch_size,
@@ -364,7 +368,7 @@ class ServeContext:
         view: dict[str, Any] = {
             "version": predictor.version if predictor is not None else 0,
             "loaded": predictor is not None,
-            "engine": self.settings.profile.inference_engine,
+            "engine": predictor.engine if predictor is not None else self.settings.profile.inference_engine,
             "method": None,
             "classes": [],
             "tasks": [
@@ -438,7 +442,7 @@ class ServeContext:
                     }
                 )
         return {
-            "available": self.worker._telemetry_module is not None,
+            "available": self.worker.telemetry_available,
             "backends": self.worker.telemetry_backends,
             "current": None
             if current is None
@@ -824,6 +828,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(router)
+
+    @app.exception_handler(RequestTooLarge)
+    async def too_large(request: Request, exc: RequestTooLarge) -> JSONResponse:
+        return _error(413, str(exc))
+
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(BearerAuthMiddleware, token=settings.token)
     return app

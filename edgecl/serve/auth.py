@@ -94,26 +94,36 @@ class BodySizeLimitMiddleware:
                     await _send_json(send, 413, {"detail": str(RequestTooLarge(self.max_bytes))}, [])
                     return
         received = 0
-        started = False
+        app_started = False
+        too_large = False
+        replied = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise RequestTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
+        async def guarded_send(message: Message) -> None:
+            nonlocal app_started, replied
+            if too_large and not app_started:
+                # the app answers the exception (e.g. with a 500): answer 413 instead, once
+                if message["type"] == "http.response.start" and not replied:
+                    replied = True
+                    await _send_json(send, 413, {"detail": str(RequestTooLarge(self.max_bytes))}, [])
+                return
             if message["type"] == "http.response.start":
-                started = True
+                app_started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except RequestTooLarge as err:
-            if started:
+            if app_started:
                 raise
-            await _send_json(send, 413, {"detail": str(err)}, [])
+            if not replied:
+                await _send_json(send, 413, {"detail": str(err)}, [])

@@ -168,8 +168,14 @@ def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> 
         return token, "EDGECL_TOKEN"
     path = Path(token_file).expanduser() if token_file else data_dir / "token"
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        text = path.read_text(encoding="utf-8").strip()
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ValueError(
+                f"cannot read the token file {path} ({err.strerror or err}); it must be readable by the user "
+                "running edgecl (sudo chown edgecl FILE; chmod 0600 FILE)"
+            ) from err
         if not text:
             raise ValueError(f"token file {path} is empty; delete it to have a new token generated")
         if mode & 0o077:

@@ -369,6 +369,11 @@ class Worker:
                 cur.trainer.request_stop()
 
     @property
+    def telemetry_available(self) -> bool:
+        """Whether :mod:`edgecl.telemetry` meters the jobs."""
+        return self._telemetry_module is not None
+
+    @property
     def alive(self) -> bool:
         """Whether the thread runs."""
         return self._thread.is_alive()
@@ -488,39 +493,56 @@ class Worker:
         extra = model_classes[len(db_classes) :]
         records = list(meta.get("records") or [])
         job = self.store.next_job()
-        if job is not None and job.status == "running":
-            for tid in job.task_ids:
-                task = self.store.get_task(tid)
-                if not extra or task is None or task.status == "learned":
-                    continue
-                if extra[: len(task.classes)] != task.classes:
-                    break
-                seq = len(self.store.learned_tasks())
-                self.store.mark_learned(tid, job.id, records[seq] if seq < len(records) else None)
-                log.info("task %s was committed before a crash; marked learned", tid)
-                extra = extra[len(task.classes) :]
+        in_job = list(job.task_ids) if job is not None and job.status == "running" else []
+        pending = [t.id for t in self.store.list_tasks() if t.status == "pending" and t.id not in in_job]
+        for tid in in_job + pending:
+            task = self.store.get_task(tid)
+            if (
+                not extra
+                or task is None
+                or task.status == "learned"
+                or extra[: len(task.classes)] != task.classes
+            ):
+                continue
+            seq = len(self.store.learned_tasks())
+            job_id = job.id if job is not None and tid in in_job else None
+            self.store.mark_learned(tid, job_id, records[seq] if seq < len(records) else None)
+            log.warning("task %s was committed to the model before a crash; marked learned", tid)
+            extra = extra[len(task.classes) :]
         if extra:
             log.error("the committed model has classes no task accounts for: %s", extra[:8])
 
     def _swap_model(self) -> None:
+        """Load the committed model for the profile's engine and put it in service (torch as a fallback when
+        the ONNX export fails, so predictions never lag behind the committed model)."""
         from edgecl.serve.predictor import build_predictor
 
         assert self.backbone is not None
-        try:
-            predictor = build_predictor(
-                self.settings.profile.inference_engine,
-                self.store.model_dir,
-                self.backbone,
-                self.settings.device,
-                onnx_dir=self.store.root / "onnx",
+        engine = self.settings.profile.inference_engine
+        errors = []
+        for candidate in dict.fromkeys([engine, "torch"]):
+            try:
+                predictor = build_predictor(
+                    candidate,
+                    self.store.model_dir,
+                    self.backbone,
+                    self.settings.device,
+                    self.store.root / "onnx",
+                )
+            except Exception as err:
+                log.exception("the committed model could not be loaded with %s", candidate)
+                errors.append(f"{candidate}: {type(err).__name__}: {err}")
+                continue
+            self.predictor_error = "; ".join(errors) or None
+            self.holder.swap(predictor)
+            log.info(
+                "model version %d in service (%d classes, %s)",
+                predictor.version,
+                len(predictor.class_names),
+                predictor.engine,
             )
-        except Exception as err:
-            log.exception("the committed model could not be loaded for inference")
-            self.predictor_error = f"{type(err).__name__}: {err}"
             return
-        self.predictor_error = None
-        self.holder.swap(predictor)
-        log.info("model version %d in service (%d classes)", predictor.version, len(predictor.class_names))
+        self.predictor_error = "; ".join(errors)
 
     # ---- jobs --------------------------------------------------------------------------------
     def _run_job(self, job: JobRecord) -> None:
@@ -547,6 +569,9 @@ class Worker:
             for position, tid in enumerate(job.task_ids):
                 if self._stopping.is_set():
                     return
+                meta = read_checkpoint_meta(self.store.model_dir)
+                if meta is not None and int(meta["task"]) + 1 != len(self.store.learned_tasks()):
+                    self._reconcile(meta)  # the model was committed but the row update was lost
                 task = self.store.get_task(tid)
                 if task is None:
                     raise RuntimeError(f"task {tid} no longer exists")
@@ -590,9 +615,9 @@ class Worker:
 
         assert self.backbone is not None
         info = self.backbone.info
+        model_meta = read_checkpoint_meta(self.store.model_dir)
         learned = self.store.learned_tasks()
         stream = build_stream(self.store, [*learned, task], info.img_size, info.mean, info.std)
-        model_meta = read_checkpoint_meta(self.store.model_dir)
         if model_meta is not None and int(model_meta["task"]) + 1 != len(learned):
             raise RuntimeError(
                 f"the committed model has {int(model_meta['task']) + 1} tasks but the store lists "
@@ -624,12 +649,17 @@ class Worker:
             batch_size=int(opts["batch_size"]),
             micro_batch_size=opts.get("micro_batch_size"),
             seed=int(opts.get("seed", 0)),
+            eval_batch_size=int(getattr(self.settings.profile, "eval_batch_size", 64)),
             device=self.settings.device,
             precision=str(opts.get("precision", "fp32")),
             checkpoint_dir=str(ckpt_dir),
             model_dir=str(self.store.model_dir),
         )
         callbacks: list[Callback] = [running.progress]
+        plan = self._plan_budget(method, config, stream)
+        if plan is not None:
+            guard, plan_summary = plan
+            callbacks.append(guard)
         telemetry = self._telemetry_callback()
         if telemetry is not None:
             callbacks.append(_Guarded(telemetry))
@@ -654,7 +684,58 @@ class Worker:
             "energy_j": ((record.get("telemetry") or {}).get("task") or {}).get("energy_j"),
             "telemetry": record.get("telemetry"),
             "resumed_after_epoch": epochs_done or None,
+            "memory_plan": plan[1] if plan is not None else None,
+            "memory_budget": record.get("memory_budget"),
         }
+
+    def _plan_budget(
+        self, method: Any, config: Any, stream: TaskStream
+    ) -> tuple[Callback, dict[str, Any]] | None:
+        """Fit the task into the profile's memory budget with :mod:`edgecl.budget` (micro-batch, reduction
+        rate, precision; applied to ``config`` and ``method``) and return its guard; None without a budget.
+        ``BudgetError`` (nothing fits: it names the smallest workable budget) fails the job."""
+        prof = self.settings.profile
+        if prof.memory_budget_mb is None:
+            return None
+        try:
+            budget = importlib.import_module("edgecl.budget")
+        except ImportError as err:
+            log.warning(
+                "no memory planner (%s): training without enforcing the %s MB budget",
+                err,
+                prof.memory_budget_mb,
+            )
+            return None
+        task = stream.tasks[-1]
+        plan = budget.plan_training(
+            method,
+            prof,
+            batch_size=config.batch_size,
+            precision=config.precision,
+            device=config.device,
+            eval_batch_size=config.eval_batch_size,
+            num_classes=stream.num_classes,
+            task_index=task.index,
+            train_images_per_task=len(task.train),
+        )
+        budget.apply_plan(plan, config, method=method)
+        summary = {
+            k: getattr(plan, k, None)
+            for k in (
+                "budget_mb",
+                "memory_scope",
+                "micro_batch_size",
+                "accumulation_steps",
+                "reduction_rate",
+                "precision",
+                "eval_batch_size",
+                "predicted_peak_mb",
+                "idle_baseline_mb",
+                "planning_seconds",
+            )
+        }
+        log.info("memory plan for task %d: %s", task.index, summary)
+        return budget.BudgetGuard(plan), summary
 
     def _telemetry_callback(self) -> Callback | None:
         mod = self._telemetry_module
