@@ -187,7 +187,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     y = torch.tensor([classes[i % len(classes)] for i in range(batch)])
     feats = torch.randn(batch, vit.embed_dim)
     first_phase = method.phase(0, spec["epochs"])
-    record: dict[str, Any] = {"variant": spec["variant"], "method": name, "mode": mode}
+    record: dict[str, Any] = {"variant": spec["variant"], "method": name, "mode": mode, "pid": os.getpid()}
 
     fn: Callable[[], object]
     if mode == "phase1":

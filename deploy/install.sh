@@ -299,7 +299,7 @@ if [[ $DO_PIP -eq 1 ]]; then
         if ! "$PYTHON" -c 'import torch, torchvision' 2>/dev/null; then
             die "no L4T PyTorch for $PYTHON: install the Jetson wheels first, e.g." \
                 "sudo pip3 install --index-url https://pypi.jetson-ai-lab.io/jp6/cu126 torch==2.8.0" \
-                "torchvision==0.23.0 (see docs/deploy.md); PyPI's torch has no Jetson GPU support"
+                "torchvision==0.23.0 (see the README, "Deploy on a Jetson Orin Nano"); PyPI's torch has no Jetson GPU support"
         fi
         [[ -f $VENV_DIR/pyvenv.cfg ]] || "$PYTHON" -m venv --system-site-packages "$VENV_DIR"
         # Pin what the system already has so pip cannot replace the L4T torch, keep NumPy 1.x when torch

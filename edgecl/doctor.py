@@ -576,7 +576,8 @@ def check_telemetry() -> Check:
 
 _RAPL_FIX = (
     "energy_uj is root-only since Linux 5.10 (CVE-2020-8694): `sudo chmod 0444 "
-    "/sys/class/powercap/intel-rapl:*/energy_uj` (until reboot) or the udev rule in docs/deploy.md"
+    "/sys/class/powercap/intel-rapl:*/energy_uj` (until reboot) or the udev rule in the README "
+    "(section 'Deploy on a Jetson Orin Nano')"
 )
 
 

@@ -26,7 +26,13 @@ def _results(
     from edgecl.train.metrics import summarize
 
     tasks = [
-        {"task": i, "average_accuracy": sum(r) / len(r), "peak_memory_mb": peak, "train_seconds": train / 2}
+        {
+            "task": i,
+            "average_accuracy": sum(r) / len(r),
+            "peak_memory_mb": peak,
+            "train_seconds": train / 2,
+            "telemetry": {"task": {"cpu_s": train}},
+        }
         for i, r in enumerate(acc)
     ]
     return {
@@ -85,7 +91,7 @@ def test_aggregate_mean_std_and_reference_ratios_exactly_one() -> None:
     assert cps["final_average_accuracy_mean"] == pytest.approx(0.675)
     assert cps["final_average_accuracy_std"] == pytest.approx(0.0353553, rel=1e-4)
     assert cps["peak_memory_mb"] == pytest.approx(1005.0)
-    for fig in ("peak_memory_mb", "train_seconds", "peak_above_start_mb"):
+    for fig in ("peak_memory_mb", "train_seconds", "peak_above_start_mb", "train_cpu_seconds"):
         assert cps[f"{fig}_ratio"] == 1.0  # exactly
     assert cps["energy_j"] is None and cps["energy_j_ratio"] is None
     assert coda["status"] == "partial" and coda["error"] == "seed 1: ValueError: boom"
@@ -93,6 +99,7 @@ def test_aggregate_mean_std_and_reference_ratios_exactly_one() -> None:
     assert coda["peak_memory_mb_ratio"] == pytest.approx(1200.0 / 1005.0)
     assert coda["train_seconds_ratio"] == pytest.approx(60.0 / 32.0)
     assert coda["peak_above_start_mb_ratio"] == pytest.approx(300.0 / 105.0)
+    assert coda["train_cpu_seconds"] == pytest.approx(120.0)  # two tasks × 60 s CPU each
     assert l2p["status"] == "failed" and "RuntimeError: broken" in l2p["error"]
     assert l2p["peak_memory_mb_ratio"] is None
     assert run_figures(outcomes[0].results or {})["accuracy_curve"] == [0.8, pytest.approx(0.65)]
@@ -221,6 +228,7 @@ def test_tiny_bench_writes_every_file_with_reference_ratios_of_one(tiny_bench: t
     data = json.loads((out / "results.json").read_text())
     cps = next(r for r in data["main"] if r["label"] == "cps_prompt")
     assert cps["peak_memory_mb_ratio"] == 1.0 and cps["train_seconds_ratio"] == 1.0
+    assert cps["train_cpu_seconds_ratio"] == 1.0 and cps["peak_above_start_mb_ratio"] == 1.0
     assert cps["peak_memory_mb"] > 0 and cps["train_seconds"] > 0
     coda = next(r for r in data["main"] if r["label"] == "coda_prompt")
     assert coda["peak_memory_mb_ratio"] == pytest.approx(coda["peak_memory_mb"] / cps["peak_memory_mb"])

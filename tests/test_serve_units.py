@@ -342,3 +342,24 @@ def test_reconcile_marks_a_task_committed_before_a_crash(tmp_path: Path, profile
     worker._reconcile(meta)  # idempotent
     with pytest.raises(RuntimeError, match="do not match"):
         worker._reconcile({"task": 1, "classes_learned": ["x", "y"], "records": []})
+
+
+def test_a_job_that_keeps_killing_the_daemon_is_failed(tmp_path: Path, profile: Path) -> None:
+    from edgecl.serve import ServeSettings
+    from edgecl.serve.worker import STALLED_RESTARTS, Worker
+
+    store = Store(tmp_path)
+    staging = store.new_staging_dir()
+    task, _ = store.add_task(staging, name="t", classes=["a", "b"], counts={}, eval_counts={}, manifest=[])
+    job = store.create_job("cps_prompt", [task.id], {"epochs": 2, "batch_size": 4})
+    store.start_job(job.id)
+    store.update_progress(job.id, {"task_id": task.id, "epochs_done": 1})
+    at = {"learned": 0, "task_id": task.id, "epochs_done": 1}
+    for _ in range(STALLED_RESTARTS):
+        store.start_job(job.id, resume={"restarted_at": 0.0, "at": at})
+    settings = ServeSettings(
+        profile=load_profile(str(profile)), data_dir=tmp_path, token="k" * 20, token_source="t"
+    )
+    Worker(settings, store, ModelHolder())._run_job(store.get_job(job.id))  # type: ignore[arg-type]
+    got = store.get_job(job.id)
+    assert got is not None and got.status == "failed" and "without progress" in (got.error or "")

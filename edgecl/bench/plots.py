@@ -17,9 +17,10 @@ _RATIO_LABELS = {
     "peak_memory_mb": "peak memory",
     "peak_above_start_mb": "peak above start",
     "train_seconds": "train time",
+    "train_cpu_seconds": "train CPU time",
     "energy_j": "energy",
 }
-_FIGURES = ("peak_memory_mb", "peak_above_start_mb", "train_seconds", "energy_j")
+_FIGURES = ("peak_memory_mb", "peak_above_start_mb", "train_seconds", "train_cpu_seconds", "energy_j")
 assert set(_FIGURES) == {*EFFICIENCY_FIGURES, *EXTRA_FIGURES}
 
 

@@ -9,6 +9,8 @@ a figure without a sensor stays None and renders as "no sensor").
 On CPU the peak is the child's peak RSS, which includes ~0.7 GB of torch itself; ``peak_above_start_mb``
 (peak RSS minus the RSS when training starts, model and data loaded, from the child's memory series) is
 what training adds on top, the CPU analogue of a GPU's peak allocation. None on CUDA runs.
+``train_cpu_seconds`` (the training regions' process CPU time) is much less sensitive than wall time to
+other load on the machine.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ __all__ = [
 
 ACCURACY_FIGURES = ("final_average_accuracy", "average_incremental_accuracy", "forgetting")
 EFFICIENCY_FIGURES = ("peak_memory_mb", "train_seconds", "energy_j")
-EXTRA_FIGURES = ("peak_above_start_mb",)
+EXTRA_FIGURES = ("peak_above_start_mb", "train_cpu_seconds")
 _RATIO_FIGURES = (*EFFICIENCY_FIGURES, *EXTRA_FIGURES)
 
 CSV_COLUMNS = (
@@ -71,6 +73,9 @@ CSV_COLUMNS = (
     "peak_above_start_mb",
     "peak_above_start_mb_std",
     "peak_above_start_mb_ratio",
+    "train_cpu_seconds",
+    "train_cpu_seconds_std",
+    "train_cpu_seconds_ratio",
     "reference",
     "energy_note",
     "error",
@@ -90,6 +95,7 @@ RUNS_CSV_COLUMNS = (
     "train_seconds",
     "energy_j",
     "peak_above_start_mb",
+    "train_cpu_seconds",
     "wall_seconds",
     "error",
 )
@@ -125,6 +131,8 @@ def run_figures(results: dict[str, Any]) -> dict[str, Any]:
     train = tel.get("train_seconds")
     if train is None and tasks and all(t.get("train_seconds") is not None for t in tasks):
         train = sum(t["train_seconds"] for t in tasks)
+    cpus = [((t.get("telemetry") or {}).get("task") or {}).get("cpu_s") for t in tasks]
+    train_cpu = sum(c for c in cpus if c is not None) if cpus and None not in cpus else None
     energy = tel.get("energy_j")
     start = _start_rss(results)
     on_cuda = (tel.get("run") or {}).get("peak_cuda_allocated_mb") is not None
@@ -142,6 +150,7 @@ def run_figures(results: dict[str, Any]) -> dict[str, Any]:
         "energy_note": note,
         "peak_above_start_mb": above,
         "start_rss_mb": start,
+        "train_cpu_seconds": train_cpu,
         "accuracy_curve": [t.get("average_accuracy") for t in tasks],
     }
 
@@ -269,22 +278,32 @@ def _ablation_body(rows: Sequence[dict[str, Any]], width: int | None) -> list[li
         cells += [_fig(r["peak_memory_mb"], r["peak_memory_mb_ratio"], "MB")]
         cells += [_fig(r.get("peak_above_start_mb"), r.get("peak_above_start_mb_ratio"), "MB")]
         cells += [_fig(r["train_seconds"], r["train_seconds_ratio"], "s")]
+        cells += [_fig(r.get("train_cpu_seconds"), r.get("train_cpu_seconds_ratio"), "s")]
         body.append(cells + [_status(r, width)])
     return body
 
 
-def _above_headers(reference: str) -> list[str]:
-    return ["Method", "RSS at start", f"Peak above start (× {reference})"]
+def _cpu_headers(reference: str) -> list[str]:
+    return ["Method", "RSS at start", f"Peak above start (× {reference})", f"Train CPU time (× {reference})"]
 
 
-def _above_body(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+def _cpu_body(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     body = []
     for r in rows:
-        if r["status"] == "failed" or r.get("peak_above_start_mb") is None:
+        if r["status"] == "failed" or (
+            r.get("peak_above_start_mb") is None and r.get("train_cpu_seconds") is None
+        ):
             continue
-        start = r["peak_memory_mb"] - r["peak_above_start_mb"]
-        above = _fig(r["peak_above_start_mb"], r["peak_above_start_mb_ratio"], "MB")
-        body.append([r["label"], f"{start:.1f} MB", above])
+        above = r.get("peak_above_start_mb")
+        start = f"{r['peak_memory_mb'] - above:.1f} MB" if above is not None and r["peak_memory_mb"] else "—"
+        body.append(
+            [
+                r["label"],
+                start,
+                _fig(above, r.get("peak_above_start_mb_ratio"), "MB"),
+                _fig(r.get("train_cpu_seconds"), r.get("train_cpu_seconds_ratio"), "s"),
+            ]
+        )
     return body
 
 
@@ -299,6 +318,7 @@ _ABLATION_HEADERS = [
     "Peak memory (×)",
     "Peak above start (×)",
     "Train time (×)",
+    "Train CPU time (×)",
     "Status",
 ]
 
@@ -378,13 +398,14 @@ def render_markdown(
         w("\nFailed (no figures): " + "; ".join(f"{r['label']} — {r['error']}" for r in failed) + "\n")
     for note in _energy_notes(main_rows):
         w(f"\n{note}\n")
-    above = _above_body(main_rows)
-    if above:
+    cpu = _cpu_body(main_rows)
+    if cpu:
         w(
-            "\nWhat training adds on top of the process (peak RSS minus the RSS when training starts, model "
-            "and data loaded; CPU only):\n\n"
+            "\nCPU-side figures: what training adds on top of the process (peak RSS minus the RSS when "
+            "training starts, model and data loaded) and the training regions' process CPU time (less "
+            "sensitive to other load than wall time):\n\n"
         )
-        w(_md_table(_above_headers(reference), above, "r"))
+        w(_md_table(_cpu_headers(reference), cpu, "r"))
     if ablation_rows:
         ref = ablation_rows[0]["reference"]
         w(
@@ -453,12 +474,12 @@ def print_tables(
         console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
     for note in _energy_notes(main_rows):
         console.print(note, markup=False, highlight=False)
-    above = _above_body(main_rows)
-    if above:
-        table = Table(title="Peak RSS above the run's start (what training adds; CPU)")
-        for i, h in enumerate(_above_headers(main_rows[0]["reference"])):
+    cpu = _cpu_body(main_rows)
+    if cpu:
+        table = Table(title="CPU-side: peak RSS above the run's start, training CPU time")
+        for i, h in enumerate(_cpu_headers(main_rows[0]["reference"])):
             table.add_column(h, justify="left" if i == 0 else "right")
-        for cells in above:
+        for cells in cpu:
             table.add_row(*cells)
         console.print(table)
     if ablation_rows:

@@ -20,7 +20,8 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run the daemon: REST API for tasks, training jobs and predictions",
         description=(
-            "Serve the edgecl REST API (docs at /docs, see docs/api.md). Settings: flag, then the EDGECL_* "
+            "Serve the edgecl REST API (docs at /docs and in the README's REST API section). "
+            "Settings: flag, then the EDGECL_* "
             "environment variable, then the env file, then the profile. Every route except /healthz needs "
             "'Authorization: Bearer <token>': EDGECL_TOKEN, else EDGECL_TOKEN_FILE, else DATA_DIR/token "
             "(created with mode 0600 on first start; its path is logged)."

@@ -52,6 +52,9 @@ __all__ = [
 
 log = logging.getLogger("edgecl.serve")
 
+STALLED_RESTARTS = 2
+"""A job whose last this-many restarts (plus the first run) all ended at the same point fails instead."""
+
 ADJUSTABLE_OPTIONS = frozenset({"lr", "optimizer", "weight_decay", "schedule", "clip_grad"})
 """Method options a later job may change; all others are fixed by the first learned task (shapes)."""
 
@@ -553,8 +556,26 @@ class Worker:
             self.store.remove_job_files(job.id)
             return
         restarted = job.status == "running"
-        self.store.start_job(job.id, resume={"restarted_at": time.time()} if restarted else None)
         tasks = {tid: self.store.get_task(tid) for tid in job.task_ids}
+        resume = None
+        if restarted:
+            at = {
+                "learned": sum(1 for t in tasks.values() if t is not None and t.status == "learned"),
+                "task_id": (job.progress or {}).get("task_id"),
+                "epochs_done": (job.progress or {}).get("epochs_done", 0),
+            }
+            previous = [r.get("at") for r in job.resumes[-STALLED_RESTARTS:]]
+            if len(previous) == STALLED_RESTARTS and all(p == at for p in previous):
+                reason = (
+                    f"the daemon stopped {STALLED_RESTARTS + 1} times at the same point of this job ({at}) "
+                    "without progress, e.g. a crash in native code: see the service log; not resumed again"
+                )
+                log.error("job %s failed: %s", job.id, reason)
+                self.store.finish_job(job.id, "failed", reason)
+                self.store.remove_job_files(job.id)
+                return
+            resume = {"restarted_at": time.time(), "at": at}
+        self.store.start_job(job.id, resume=resume)
         batch = int(job.options["batch_size"])
         spe = {tid: math.ceil(train_count(t) / batch) for tid, t in tasks.items() if t is not None}
         progress = JobProgress(self.store, job, spe, int(job.options["epochs"]))
@@ -563,7 +584,8 @@ class Worker:
             self._current = running
         results: dict[str, Any] = dict(job.results or {})
         results.setdefault("tasks", [])
-        status, error = "done", None
+        status: str = "done"
+        error: str | None = None
         log.info("job %s %s: tasks %s", job.id, "resumes" if restarted else "starts", job.task_ids)
         try:
             for position, tid in enumerate(job.task_ids):
@@ -716,7 +738,7 @@ class Worker:
             eval_batch_size=config.eval_batch_size,
             num_classes=stream.num_classes,
             task_index=task.index,
-            train_images_per_task=len(task.train),
+            train_images_per_task=len(task.train),  # type: ignore[arg-type]
         )
         budget.apply_plan(plan, config, method=method)
         summary = {
