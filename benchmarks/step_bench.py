@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("phase1", "phase2_recompute", "phase2_cached", "cache_build", "inference")
+EXTRA_MODES = ("components",)
+"""``components``: the phase-1 step split into query pass / forward / backward / clip + optimizer step."""
 PHASE2_MODES = ("phase2_recompute", "phase2_cached", "cache_build")
 CORE_VARIANTS = (
     "coda_prompt",
@@ -132,15 +134,17 @@ def default_variants() -> list[str]:
 # the worker: one (variant, mode) in this process
 
 
-def _time_steps(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
+def _time_steps(fn: Callable[[], object], steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds (user + system) of each of ``steps`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -230,15 +234,41 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad(), trainer._autocast():
                 return method(x)
 
+    elif mode == "components":
+        record["phase"] = first_phase.value
+        parts: dict[str, list[float]] = {"query": [], "forward": [], "backward": [], "clip_and_optimizer": []}
+
+        def fn() -> object:
+            assert trainer.optimizer is not None
+            method.train()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                vit.query(x)
+            t1 = time.perf_counter()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            with trainer._autocast():
+                loss = method.training_loss(x, y, first_phase)
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if method.cfg.clip_grad is not None and params:
+                torch.nn.utils.clip_grad_norm_(params, method.cfg.clip_grad)
+            trainer.optimizer.step()
+            t4 = time.perf_counter()
+            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                parts[key].append(dt)
+            return loss
+
     else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES + EXTRA_MODES}")
 
     gc.collect()
     idle = rss_bytes()
     maxrss_at_idle = maxrss_bytes()
     hwm_reset = reset_peak_rss()
     load_seconds = time.perf_counter() - t_start
-    times = _time_steps(fn, spec["steps"], spec["warmup"])
+    times, cpu_times = _time_steps(fn, spec["steps"], spec["warmup"])
     peak = maxrss_bytes()
     if spec.get("profile_dir"):
         record["profile"] = _profile(fn, Path(spec["profile_dir"]), spec["variant"], mode)
@@ -249,6 +279,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "s_per_step": med,
             "s_per_step_min": min(times),
             "s_per_step_max": max(times),
+            "cpu_s_per_step": statistics.median(cpu_times),
             "steps": len(times),
             "warmup": spec["warmup"],
             "idle_rss_mb": idle / MB,
@@ -263,6 +294,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     )
     if mode == "cache_build":
         record["s_per_image"] = med / batch
+    if mode == "components":
+        # seconds of each part (median over the timed steps); the query pass is timed alone, the forward
+        # (training_loss) includes the method's own query pass where it has one
+        record["parts"] = {
+            k: statistics.median(v[spec["warmup"] : spec["warmup"] + spec["steps"]]) for k, v in parts.items()
+        }
     if mode == "phase1" and hasattr(method, "keep_count") and first_phase is Phase.SPARSE:
         record["kept_patches"] = int(method.keep_count)
     return record
@@ -472,16 +509,18 @@ def machine_info() -> dict[str, Any]:
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of the per-mode records."""
     head = (
-        f"{'variant':<34} {'mode':<17} {'phase':<7} {'s/step':>8} {'min':>7} {'peak>idle MB':>13} "
-        f"{'idle MB':>8}"
+        f"{'variant':<34} {'mode':<17} {'phase':<7} {'s/step':>8} {'min':>7} {'cpu s':>7} "
+        f"{'peak>idle MB':>13} {'idle MB':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         if "s_per_step" in r:
             extra = f"  ({r['s_per_image'] * 1e3:.1f} ms/image)" if "s_per_image" in r else ""
+            if "parts" in r:
+                extra = "  (" + ", ".join(f"{k} {v:.3f}" for k, v in r["parts"].items()) + ")"
             lines.append(
                 f"{r['variant']:<34} {r['mode']:<17} {r.get('phase', ''):<7} {r['s_per_step']:>8.3f} "
-                f"{r['s_per_step_min']:>7.3f} {r['peak_above_idle_mb']:>13.0f} "
+                f"{r['s_per_step_min']:>7.3f} {r['cpu_s_per_step']:>7.3f} {r['peak_above_idle_mb']:>13.0f} "
                 f"{r['idle_rss_mb']:>8.0f}{extra}"
             )
         elif "skipped" not in r:
@@ -508,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--methods", default=None, help="comma-separated name[:key=value,...] (default: all variants)"
     )
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES + EXTRA_MODES)}"
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--classes", type=int, default=10, help="classes of the benchmarked task")
@@ -553,9 +594,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     variants = _split_variants(args.methods) if args.methods else default_variants()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + EXTRA_MODES]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES + EXTRA_MODES}")
     common = {
         "backbone": args.backbone,
         "img_size": args.img_size,

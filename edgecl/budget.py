@@ -64,6 +64,7 @@ from edgecl.methods.registry import create_method
 from edgecl.train.callbacks import Callback
 
 if TYPE_CHECKING:
+    from edgecl.data.stream import TaskStream
     from edgecl.profiles import Profile
     from edgecl.train.trainer import TrainConfig, Trainer
 
@@ -84,6 +85,9 @@ __all__ = [
 MIB = float(2**20)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LIFETIME_PEAK_MB = 0.0
+HEADROOM_MIN_MB = 16.0
+"""Smallest automatic headroom: what probes cannot see. On the shared dataset the baseline crept up by ~2 MB
+per task over five tasks (kernels for new shapes, small-object heap), 8.7 MB above the prediction."""
 UNTUNED_FACTOR = 1.75
 """Margin on measured increments when glibc's allocator is not tuned (measured fragmentation up to 1.7x)."""
 """The highest RSS high-water mark seen before any :func:`reset_peak_rss` (so process peaks survive it)."""
@@ -543,6 +547,44 @@ def _precisions(start: str, allow_autocast: bool, device: torch.device) -> list[
     return out
 
 
+def _warm_up_data(stream: TaskStream) -> None:
+    """Load one image of each dataset of the first task (imports decoders and transforms lazily loaded)."""
+    task = stream.tasks[0]
+    for data in (task.train, task.train_eval, task.test):
+        if len(data):  # type: ignore[arg-type]
+            _ = data[0]
+
+
+_AUTOCAST_OK: dict[tuple[str, str], bool] = {}
+_AUTOCAST_CHECK = """
+import torch
+x = torch.randn(8, 192, requires_grad=True)
+with torch.autocast("{device}", dtype=torch.{dtype}):
+    y = torch.nn.functional.linear(x, torch.randn(576, 192)).float().sum()
+y.backward()
+"""
+
+
+def autocast_works(device_type: str, precision: str) -> bool:
+    """Whether ``precision`` autocast runs on ``device_type`` without crashing, tried once in a child process.
+
+    Some CPUs advertise AMX/AVX512-BF16 that the (virtual) machine does not enable: oneDNN's bf16 kernels
+    then die with SIGILL, which no ``try`` can catch, so the first use is isolated. Cached per process.
+    """
+    key = (device_type, precision)
+    if key not in _AUTOCAST_OK:
+        import subprocess
+
+        dtype = "bfloat16" if precision == "bf16" else "float16"
+        code = _AUTOCAST_CHECK.format(device=device_type, dtype=dtype)
+        try:
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+            _AUTOCAST_OK[key] = res.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _AUTOCAST_OK[key] = False
+    return _AUTOCAST_OK[key]
+
+
 def _balanced(batch: int, micro: int) -> int:
     """The smallest micro-batch with as many chunks as ``micro`` (equal-sized chunks, same step count)."""
     steps = math.ceil(batch / micro)
@@ -562,10 +604,13 @@ def _resolve_scope(scope: str, device: torch.device) -> str:
 
 def plan_training(
     method: Method,
-    budget: Profile | float | None = None,
+    budget: Profile | TaskStream | float | None = None,
+    config: TrainConfig | None = None,
     *,
-    batch_size: int | None = None,
+    profile: Profile | str | None = None,
+    stream: TaskStream | None = None,
     budget_mb: float | None = None,
+    batch_size: int | None = None,
     precision: str | None = None,
     device: str | torch.device | None = None,
     max_reduction_rate: float | None = None,
@@ -573,7 +618,7 @@ def plan_training(
     eval_batch_size: int | None = None,
     memory_scope: str | None = None,
     headroom_mb: float | None = None,
-    num_classes: int = 100,
+    num_classes: int | None = None,
     task_index: int | None = None,
     train_images_per_task: int | None = None,
     tune_malloc: bool | None = None,
@@ -581,35 +626,49 @@ def plan_training(
 ) -> Plan:
     """Plan micro-batch, reduction rate and precision so that training ``method`` fits the budget.
 
-    ``budget`` is a :class:`~edgecl.profiles.Profile` (its budget, batch size, precision,
-    ``max_reduction_rate``, ``allow_autocast``, eval batch, scope, headroom and ``tune_allocator`` are the
-    defaults) or a number of MB; keyword arguments win over the profile (``budget_mb`` over its budget).
-    ``num_classes`` (all classes of the stream) and ``train_images_per_task`` size the head and the
-    phase-2 cache. Call it after everything the run needs is imported and loaded (the idle baseline is
-    the RSS now) and before training. It leaves ``method`` and the RNG state untouched: probes run on a
-    copy that shares the frozen backbone. Raises :class:`BudgetError` (a ``ValueError``) stating the
-    smallest budget that would work if nothing fits.
+    ``budget`` (positional, for convenience) is a :class:`~edgecl.profiles.Profile`, a budget in MB or the
+    :class:`~edgecl.data.stream.TaskStream`; ``profile`` (a Profile or a profile NAME|PATH) and ``stream``
+    may also be given by keyword. Settings come from, in order: keyword arguments, ``config`` (the
+    :class:`TrainConfig`: batch, precision, device, eval batch), the profile (its budget, batch,
+    precision, ``max_reduction_rate``, ``allow_autocast``, eval batch, scope, headroom, ``tune_allocator``),
+    built-in defaults. With ``stream``, one image of each dataset is loaded first (so the data pipeline's
+    libraries are in the baseline) and ``num_classes`` (head size, default 100) and
+    ``train_images_per_task`` (phase-2 cache) are read from it.
+
+    Call it right before ``Trainer.fit`` with everything the run needs imported and built (the idle
+    baseline is the RSS now). It leaves ``method`` and the RNG state untouched: probes run on a copy that
+    shares the frozen backbone. Raises :class:`BudgetError` (a ``ValueError``) stating the smallest budget
+    that would work if nothing fits.
     """
     t_start = time.perf_counter()
-    prof = None if budget is None or isinstance(budget, (int, float)) else budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        budget_mb = float(budget) if budget_mb is None else budget_mb
+    elif hasattr(budget, "tasks") and hasattr(budget, "class_order"):
+        stream = stream or budget  # type: ignore[assignment]
+    elif budget is not None:
+        profile = profile or budget  # type: ignore[assignment]
+    if isinstance(profile, str):
+        from edgecl.profiles import load_profile
 
-    def pick(value: Any, key: str, default: Any) -> Any:
+        profile = load_profile(profile, check_method=False)
+    prof = profile
+
+    def pick(value: Any, key: str, default: Any, config_key: str | None = None) -> Any:
         if value is not None:
             return value
+        if config is not None and config_key is not None:
+            return getattr(config, config_key)
         return getattr(prof, key) if prof is not None else default
 
-    if budget_mb is None and isinstance(budget, (int, float)):
-        budget_mb = float(budget)
     budget_mb = pick(budget_mb, "memory_budget_mb", None)
-    batch_size = int(pick(batch_size, "batch_size", 16))
+    batch_size = int(pick(batch_size, "batch_size", 16, "batch_size"))
     max_rate = float(pick(max_reduction_rate, "max_reduction_rate", 0.75))
     configured_rate = getattr(method.cfg, "reduction_rate", None)
     if configured_rate is not None:
         max_rate = max(max_rate, float(configured_rate))
-    if device is None:
-        device = (
-            prof.device if prof is not None and prof.device != "auto" else next(method.parameters()).device
-        )
+    device = pick(device, "device", None, "device")
+    if device in (None, "auto"):
+        device = next(method.parameters()).device
     dev = torch.device(device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -617,6 +676,11 @@ def plan_training(
         raise ValueError(f"memory budget must be > 0 MB, got {budget_mb}")
     if pick(tune_malloc, "tune_allocator", True):
         tune_allocator()
+    if stream is not None:
+        _warm_up_data(stream)
+        num_classes = num_classes or len(stream.class_order)
+        train_images_per_task = train_images_per_task or max(len(t.train) for t in stream.tasks)  # type: ignore[arg-type]
+    num_classes = num_classes or 100
     method.to(dev)
     scope = _resolve_scope(pick(memory_scope, "memory_scope", "auto"), dev)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -631,12 +695,14 @@ def plan_training(
                 budget_mb,
                 batch_size,
                 headroom=pick(headroom_mb, "headroom_mb", None),
-                eval_batch_size=int(pick(eval_batch_size, "eval_batch_size", 64)),
+                eval_batch_size=int(pick(eval_batch_size, "eval_batch_size", 64, "eval_batch_size")),
                 train_images=train_images_per_task,
                 verify=verify,
             )
             precisions = _precisions(
-                pick(precision, "precision", "fp32"), bool(pick(allow_autocast, "allow_autocast", True)), dev
+                pick(precision, "precision", "fp32", "precision"),
+                bool(pick(allow_autocast, "allow_autocast", True)),
+                dev,
             )
             plan = planner.plan(precisions, _reduction_rates(method, max_rate))
         finally:
@@ -720,10 +786,10 @@ class _Planner:
         return out
 
     def headroom(self, peak: float) -> float:
-        """Margin kept below the budget: given, or max(8 MB, 10% of the peak above the idle baseline)."""
+        """Margin kept below the budget: given, or max(16 MB, 10% of the peak above the idle baseline)."""
         if self.headroom_fixed is not None:
             return float(self.headroom_fixed)
-        return max(8.0, 0.10 * (peak - self.idle_budgeted))
+        return max(HEADROOM_MIN_MB, 0.10 * (peak - self.idle_budgeted))
 
     def required(self, peak: float) -> float:
         """The budget a predicted peak needs."""
@@ -837,11 +903,12 @@ class _Planner:
 
     def refuse(self, need: float, how: str, autocast: bool) -> BudgetError:
         """The error for a budget nothing fits."""
+        unusable = "".join(f"; {d}" for d in self.decisions if "crashed a test process" in d)
         return BudgetError(
             f"memory budget {self.budget_mb:.0f} MB is too small to train {self.method.name} "
             f"(batch {self.batch}) on {self.prober.device}: idle baseline {self.idle_budgeted:.0f} MB; "
             f"the smallest budget that would work is {math.ceil(need)} MB "
-            f"({how}{'' if autocast else '; autocast not allowed'})",
+            f"({how}{'' if autocast else '; autocast not allowed'}{unusable})",
             minimum_mb=float(math.ceil(need)),
         )
 
@@ -889,18 +956,40 @@ class _Planner:
             return None
         return fit, micro, bs, ev
 
+    def usable(self, precision: str) -> bool:
+        """Whether ``precision`` can run here (CPU bf16 autocast is tried in a child process first)."""
+        if precision == "fp32" or self.prober.device.type != "cpu":
+            return True
+        ok = autocast_works(self.prober.device.type, precision)
+        note = f"{precision} autocast crashed a test process on this CPU; not used"
+        if not ok and note not in self.decisions:
+            self.decisions.append(note)
+        return ok
+
     def plan(self, precisions: list[str], rates: list[float | None]) -> Plan:
-        """Choose micro-batch, then r, then precision; raise :class:`BudgetError` when nothing fits."""
-        autocast = len(precisions) > 1
+        """Choose micro-batch, then r, then precision; raise :class:`BudgetError` when nothing fits.
+
+        Lower precisions are probed only when the ones before them cannot fit."""
         self.fit_for(precisions[0], rates[0])  # the configured setting first (warms the runtime up at m=1)
         if self.budget_mb is not None:
-            # refuse early: the most frugal setting of each precision (highest r, micro-batch 1, eval batch 1)
-            need, prec = min((self.minimum(p, rates[-1]), p) for p in precisions)
+            # refuse early: the most frugal setting (highest r, micro-batch 1, eval batch 1) of each precision
+            needs: list[tuple[float, str]] = []
+            for p in precisions:
+                if p != precisions[0] and not self.usable(p):
+                    continue
+                needs.append((self.minimum(p, rates[-1]), p))
+                if needs[-1][0] <= self.budget_mb:
+                    break
+            need, prec = min(needs)
             if need > self.budget_mb:
                 rate_txt = f"r {rates[-1]:g}, " if rates[-1] is not None else ""
-                raise self.refuse(need, f"micro-batch 1, {rate_txt}{prec}, eval batch 1", autocast)
+                raise self.refuse(need, f"micro-batch 1, {rate_txt}{prec}, eval batch 1", len(precisions) > 1)
         chosen = None
+        tried = []
         for precision in precisions:
+            if precision != precisions[0] and not self.usable(precision):
+                continue
+            tried.append(precision)
             for rate in rates:
                 chosen = self.choose(precision, rate)
                 if chosen is not None:
@@ -908,10 +997,8 @@ class _Planner:
             if chosen is not None:
                 break
         if chosen is None:  # only when memory does not fall with r / precision as assumed
-            need, how = min(
-                (self.minimum(p, r), f"micro-batch 1, r {r}, {p}") for p in precisions for r in rates
-            )
-            raise self.refuse(need, how, autocast)
+            need, how = min((self.minimum(p, r), f"micro-batch 1, r {r}, {p}") for p in tried for r in rates)
+            raise self.refuse(need, how, len(precisions) > 1)
         return self._plan(chosen, precisions, rates)
 
     def _plan(
@@ -989,26 +1076,41 @@ class _Planner:
 # ==== applying a plan ====================================================================================
 def apply_plan(
     plan: Plan,
-    train_config: TrainConfig,
+    *targets: TrainConfig | Method | dict[str, Any],
     method_overrides: dict[str, Any] | None = None,
     method: Method | None = None,
 ) -> None:
-    """Put ``plan`` into the trainer's config (micro-batch, precision, eval batch), the method overrides
-    and, when given, the live ``method`` config (reduction rate)."""
-    if train_config.batch_size != plan.batch_size:
-        raise ValueError(
-            f"the plan is for batch {plan.batch_size}, the training config has {train_config.batch_size}"
-        )
-    train_config.micro_batch_size = plan.micro_batch_size
-    train_config.precision = plan.precision
-    train_config.eval_batch_size = plan.eval_batch_size
-    if plan.reduction_rate is not None:
-        if method_overrides is not None:
-            method_overrides["reduction_rate"] = plan.reduction_rate
-        if method is not None:
-            method.cfg.reduction_rate = plan.reduction_rate  # type: ignore[attr-defined]
-            method.cfg.validate()
-    train_config.validate()
+    """Put ``plan`` into every target given, in any order: a :class:`TrainConfig` (micro-batch, precision,
+    eval batch), a :class:`Method` (its live config's reduction rate) and a dict of method overrides
+    (``reduction_rate``, so results and checkpoints record it). ``method_overrides``/``method`` may be
+    given by keyword too."""
+    from edgecl.train.trainer import TrainConfig
+
+    configs = [t for t in targets if isinstance(t, TrainConfig)]
+    methods = [t for t in targets if isinstance(t, Method)] + ([method] if method is not None else [])
+    overrides = [t for t in targets if isinstance(t, dict)] + (
+        [method_overrides] if method_overrides is not None else []
+    )
+    if len(configs) + len(methods) + len(overrides) != len(targets) + (method is not None) + (
+        method_overrides is not None
+    ):
+        raise TypeError("apply_plan targets must be TrainConfig, Method or dict objects")
+    for cfg in configs:
+        if cfg.batch_size != plan.batch_size:
+            raise ValueError(
+                f"the plan is for batch {plan.batch_size}, the training config has {cfg.batch_size}"
+            )
+        cfg.micro_batch_size = plan.micro_batch_size
+        cfg.precision = plan.precision
+        cfg.eval_batch_size = plan.eval_batch_size
+        cfg.validate()
+    if plan.reduction_rate is None:
+        return
+    for opts in overrides:
+        opts["reduction_rate"] = plan.reduction_rate
+    for m in methods:
+        m.cfg.reduction_rate = plan.reduction_rate  # type: ignore[attr-defined]
+        m.cfg.validate()
 
 
 # ==== enforcement ========================================================================================
@@ -1049,6 +1151,7 @@ class BudgetGuard(Callback):
         self._last_peak = 0.0
         self._pending: list[str] = []
         self._seen_adaptations = 0
+        self._flagged: dict[str, int] | None = None
 
     # ---- measurements --------------------------------------------------------------------------------
     def usage_mb(self) -> float:
@@ -1105,9 +1208,14 @@ class BudgetGuard(Callback):
             f"measured {self.scope} {use:.0f} MB > budget {self.budget_mb:.0f} MB during the step "
             f"(micro-batch {micro})"
         )
+        where = self._where()
+        if micro <= 1 and not self.strict:
+            if self._flagged == where:
+                return
+            self._flagged = where
         self.violations.append(
             {
-                **self._where(),
+                **where,
                 "measured_mb": round(use, 1),
                 "micro_batch_size": micro,
                 "action": "redo step with half the micro-batch" if micro > 1 else "none (micro-batch 1)",

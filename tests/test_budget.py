@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+import edgecl.budget as budget_module
 from edgecl.budget import (
+    HEADROOM_MIN_MB,
     BudgetError,
     BudgetExceeded,
     BudgetGuard,
@@ -146,6 +148,29 @@ def test_budget_exceeded_in_step_redoes_the_step_with_half_the_micro_batch() -> 
     assert issubclass(BudgetExceeded, torch.OutOfMemoryError)
 
 
+def test_non_strict_guard_at_micro_batch_one_records_once_per_step() -> None:
+    class AlwaysOver(BudgetGuard):
+        def usage_mb(self) -> float:
+            return 2 * self.budget_mb
+
+    method = tiny_method("coda_prompt", depth=2, patch=8)
+    trainer = Trainer(method, tiny_stream(), TrainConfig(batch_size=4, micro_batch_size=1))
+    method.begin_task(trainer._task_info(0))
+    trainer.optimizer = trainer._build_optimizer()
+    guard = AlwaysOver(1000.0, strict=False)
+    guard.on_run_start(trainer)
+    method.train()
+    trainer._step(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,)), Phase.JOINT, cached=False)
+    assert len(guard.violations) == 1 and guard.violations[0]["action"] == "none (micro-batch 1)"
+    strict = AlwaysOver(1000.0)
+    guard.on_run_end(trainer, {})
+    strict.on_run_start(trainer)
+    with pytest.raises(BudgetExceeded, match="budget 1000 MB"):
+        trainer._step(torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,)), Phase.JOINT, cached=False)
+    strict.on_exception(trainer, RuntimeError())
+    assert not strict._handles
+
+
 def test_measured_peak_over_budget_halves_from_the_next_step() -> None:
     class FakePeak(BudgetGuard):
         peak = 500.0
@@ -247,6 +272,9 @@ class FakeProber:
 
 
 def _fake_plan(budget: float | None, precisions: list[str], rates: list[float | None], **kw: Any) -> Plan:
+    key = ("cpu", "bf16")
+    saved = budget_module._AUTOCAST_OK.pop(key, None)
+    budget_module._AUTOCAST_OK[key] = kw.pop("bf16_works", True)  # the fake prober runs no bf16
     planner = _Planner(
         tiny_method("cps_prompt", depth=2, patch=8),
         FakeProber(),
@@ -259,7 +287,12 @@ def _fake_plan(budget: float | None, precisions: list[str], rates: list[float | 
         verify=True,
     )
     planner.factor = 1.0
-    return planner.plan(precisions, rates)
+    try:
+        return planner.plan(precisions, rates)
+    finally:
+        budget_module._AUTOCAST_OK.pop(key)
+        if saved is not None:
+            budget_module._AUTOCAST_OK[key] = saved
 
 
 def test_planner_prefers_micro_batch_then_reduction_rate_then_precision() -> None:
@@ -279,6 +312,14 @@ def test_planner_prefers_micro_batch_then_reduction_rate_then_precision() -> Non
     # nothing in fp32 fits (r 0.6, m 1: base + 1.6 + 5), bf16 at r 0.5 does (base + 1.0 + 5)
     low = _fake_plan(base + 1.01 + 5.0, ["fp32", "bf16"], [0.5, 0.6])
     assert (low.precision, low.reduction_rate, low.micro_batch_size) == ("bf16", 0.5, 1)
+
+
+def test_planner_skips_an_autocast_that_crashes_this_machine() -> None:
+    base = 1000.0 + 2.0 + 2 * 16 * 3 * 32 * 32 * 4 / 2**20 + 40.0
+    with pytest.raises(BudgetError, match="bf16 autocast crashed a test process"):
+        _fake_plan(base + 1.01 + 5.0, ["fp32", "bf16"], [0.5, 0.6], bf16_works=False)
+    fits = _fake_plan(base + 1.7 + 5.0, ["fp32", "bf16"], [0.5, 0.6], bf16_works=False)
+    assert fits.precision == "fp32" and fits.reduction_rate == 0.6
 
 
 def test_planner_refuses_with_the_smallest_budget_that_works() -> None:
@@ -326,6 +367,35 @@ def test_plan_training_without_budget_leaves_method_and_rng_untouched() -> None:
         apply_plan(plan, TrainConfig(batch_size=16))
 
 
+def test_plan_training_takes_stream_and_train_config_and_apply_plan_any_order() -> None:
+    """The runner's call: ``plan_training(method, stream, config, budget_mb=...)``, ``apply_plan(plan, method,
+    config)``; settings come from the config, the head size from the stream."""
+    method, stream = tiny_method("cps_prompt", depth=2, patch=8), tiny_stream(per_class=4)
+    config = TrainConfig(batch_size=4, eval_batch_size=4)
+    plan = plan_training(method, stream, config, budget_mb=1e6, profile="cpu", verify=False)
+    assert plan.batch_size == 4 and plan.budget_mb == 1e6 and plan.eval_batch_size == 4
+    assert plan.verified_peak_mb is None
+    plan.reduction_rate, plan.micro_batch_size = 0.6, 2
+    apply_plan(plan, method, config)
+    assert method.cfg.reduction_rate == 0.6 and config.micro_batch_size == 2
+    with pytest.raises(TypeError):
+        apply_plan(plan, "config")  # type: ignore[arg-type]
+
+
+def test_plan_command_prints_the_plan_and_refuses_with_the_minimum(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgecl.cli import main
+
+    common = ["plan", "--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--eval-batch-size", "4"]
+    assert main([*common, "--json", "--no-verify", "-o", "reduction_rate=0.25"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["micro_batch_size"] == 4 and plan["reduction_rate"] == 0.25 and plan["budget_mb"] is None
+    assert main([*common, "--profile", "cpu", "--memory-budget-mb", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "memory budget 10 MB is too small" in err and "the smallest budget that would work is" in err
+
+
 # ---- three budgets on a tiny model, each in a fresh process ---------------------------------------------
 TRAIN_CHILD = TINY + textwrap.dedent(
     """
@@ -340,7 +410,7 @@ TRAIN_CHILD = TINY + textwrap.dedent(
     config = TrainConfig(epochs=2, batch_size=32, eval_batch_size=8, seed=0)
     before_plan = ru_maxrss_mb()  # the planner resets the kernel's high-water mark (and ru_maxrss) per probe
     try:
-        plan = plan_training(method, budget, batch_size=32, eval_batch_size=8, num_classes=4,
+        plan = plan_training(method, budget, batch_size=32, eval_batch_size=8, stream=stream,
                              max_reduction_rate=0.5, allow_autocast=False)
     except BudgetError as err:
         print(json.dumps({"error": str(err), "minimum_mb": err.minimum_mb}))
@@ -363,7 +433,7 @@ def test_three_budgets_loose_tight_impossible() -> None:
     assert pfull - p1 > 10, free  # micro-batching must matter for this test to mean anything
 
     def need(peak: float) -> float:
-        return peak + max(8.0, 0.10 * (peak - idle))
+        return peak + max(HEADROOM_MIN_MB, 0.10 * (peak - idle))
 
     loose_budget = math.ceil(need(pfull) + 60)
     tight_budget = math.ceil(need(p1 + 0.4 * (pfull - p1)))

@@ -10,10 +10,18 @@ import pytest
 import torch
 
 from edgecl.backbone import FrozenViT, load_backbone
-from edgecl.data import synthetic_stream
+from edgecl.data import TaskStream, synthetic_stream
 from edgecl.methods import create_method
 from edgecl.methods.base import Phase, TaskInfo
-from edgecl.methods.dpw import ABLATIONS, DPW, DPWLayer, cond_act
+from edgecl.methods.dpw import (
+    ABLATIONS,
+    DPW,
+    DPWLayer,
+    cond_act,
+    fit_gaussian,
+    gaussian_logprob,
+    resolve_cov,
+)
 from edgecl.train.callbacks import Callback
 from edgecl.train.model_io import load_model
 from edgecl.train.trainer import TrainConfig, Trainer
@@ -24,7 +32,9 @@ def one_thread() -> Iterator[None]:
     """One intra-op thread: small CPU ops are much faster without OpenMP contention on shared cores."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     yield
+    torch.set_flush_denormal(False)
     torch.set_num_threads(old)
 
 
@@ -42,9 +52,7 @@ def make(backbone: FrozenViT, **overrides: Any) -> DPW:
 
 
 def layer0(method: DPW) -> DPWLayer:
-    mod = method.dpw["0"]
-    assert isinstance(mod, DPWLayer)
-    return mod
+    return method.dpw_layer(0)
 
 
 # ---- maths -------------------------------------------------------------------------------------
@@ -64,12 +72,24 @@ def test_cond_norm_caps_sum_and_keeps_small_sums() -> None:
     assert torch.equal(delta.squeeze(-1) == 0, sums <= 1)
 
 
+def test_task_gaussians_match_torch_distributions() -> None:
+    torch.manual_seed(0)
+    f = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    mean, chol = fit_gaussian(f, "full", 1e-4)
+    ref = torch.distributions.MultivariateNormal(f.mean(0), torch.cov(f.T) + 1e-4 * torch.eye(6))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.allclose(gaussian_logprob(x, mean[None], chol[None])[:, 0], ref.log_prob(x), atol=1e-8)
+    assert resolve_cov("auto", 11, 6, 2.0) == "diag" and resolve_cov("auto", 12, 6, 2.0) == "full"
+    _, diag = fit_gaussian(f[:11], "auto", 1e-4)
+    assert torch.equal(diag, torch.diag(torch.diagonal(diag)))
+
+
 def test_rwm_delta_scales_adapter(backbone: FrozenViT) -> None:
     method = make(backbone).eval()
     mod = layer0(method)
     with torch.no_grad():
-        mod.slots[0].bg.normal_(-1.0, 1.5)  # some tokens above, some below a sigmoid sum of 1
-        mod.slots[0].prefix.zero_()  # leave only the adapter term
+        mod.slot(0).bg.normal_(-1.0, 1.5)  # some tokens above, some below a sigmoid sum of 1
+        mod.slot(0).prefix.zero_()  # leave only the adapter term
     x = torch.randn(2, method.seq_len, backbone.embed_dim)
     with torch.no_grad():
         s = mod.scores(0, x)
@@ -89,7 +109,7 @@ def test_rwm_delta_scales_adapter(backbone: FrozenViT) -> None:
 def test_cond_filter_removes_atypical_prefixes_only_for_gated_samples(backbone: FrozenViT) -> None:
     mod = layer0(make(backbone).eval())
     with torch.no_grad():
-        mod.slots[0].bg.fill_(0.0)
+        mod.slot(0).bg.fill_(0.0)
         mod.cls_mu[0] = 1e3  # every CLS score is far from the mean: cutoff ≈ 1
         mod.cls_var[0] = 1e-3
         mod.cls_fitted[0] = True
@@ -103,9 +123,9 @@ def test_cond_filter_removes_atypical_prefixes_only_for_gated_samples(backbone: 
 
 def test_very_negative_bias_reproduces_frozen_backbone(backbone: FrozenViT) -> None:
     method = make(backbone).eval()
-    for mod in method.dpw.values():
+    for mod in method.dpw_layers():
         with torch.no_grad():
-            mod.slots[0].bg.fill_(-100.0)  # type: ignore[union-attr,index]
+            mod.slot(0).bg.fill_(-100.0)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(method.train_features(x, Phase.JOINT), backbone.features(x), atol=1e-4)
@@ -137,13 +157,20 @@ def test_config_validation_and_ablations(backbone: FrozenViT) -> None:
         grads = [p.grad for p in method.trainable_parameters(Phase.JOINT)]
         assert all(g is not None for g in grads), name
         if not overrides["rwm"]:
-            assert not hasattr(method.dpw["0"].slots[0], "up_w")
+            assert not hasattr(method.dpw_layer(0).slot(0), "up_w")
 
 
 # ---- training, freezing, checkpoints, resume -----------------------------------------------------
 
-STREAM = {"classes_per_task": 2, "per_class": 16}
-TCFG = {"epochs": 2, "batch_size": 16}
+
+def stream() -> TaskStream:
+    return synthetic_stream(2, classes_per_task=2, per_class=16)
+
+
+def tcfg(ckpt: Path, model: Path | None = None) -> TrainConfig:
+    return TrainConfig(
+        epochs=2, batch_size=16, checkpoint_dir=str(ckpt), model_dir=None if model is None else str(model)
+    )
 
 
 class Snapshot(Callback):
@@ -154,7 +181,8 @@ class Snapshot(Callback):
 
     def on_task_end(self, trainer: Trainer, task: int, record: dict[str, Any]) -> None:
         if task == 0:
-            self.state = slot0_state(trainer.method)  # type: ignore[arg-type]
+            assert isinstance(trainer.method, DPW)
+            self.state = slot0_state(trainer.method)
 
 
 def slot0_state(method: DPW) -> dict[str, torch.Tensor]:
@@ -177,8 +205,7 @@ def trained(backbone: FrozenViT, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("dpw")
     method = make(backbone)
     snap = Snapshot()
-    cfg = TrainConfig(**TCFG, checkpoint_dir=str(root / "ckpt"), model_dir=str(root / "model"))
-    trainer = Trainer(method, synthetic_stream(2, **STREAM), cfg, callbacks=[snap])
+    trainer = Trainer(method, stream(), tcfg(root / "ckpt", root / "model"), callbacks=[snap])
     results = trainer.fit()
     return {"method": method, "results": results, "snapshot": snap.state, "root": root, "trainer": trainer}
 
@@ -189,13 +216,13 @@ def test_end_to_end_two_tasks(trained: dict[str, Any]) -> None:
     assert len(res["accuracy_matrix"]) == 2 and res["final_average_accuracy"] > 0.5
     rec = res["tasks"][-1]
     assert 0.0 <= rec["task_identification_accuracy_train_cv"] <= 1.0
-    assert all(bool(m.cls_fitted[:2].all()) for m in method.dpw.values())  # type: ignore[union-attr]
+    assert all(bool(m.cls_fitted[:2].all()) for m in method.dpw_layers())
     assert bool(method.tii_fitted[:2].all())
-    stream = synthetic_stream(2, **STREAM)
-    tests = [torch.utils.data.DataLoader(t.test, batch_size=32) for t in stream.tasks]
+    data = stream()
+    tests = [torch.utils.data.DataLoader(t.test, batch_size=32) for t in data.tasks]
     assert method.tii_accuracy(x for dl in tests for x in dl) > 0.5
     # ensemble pruning keeps top-1 exactly; argmax mode gives the same shape
-    x = torch.stack([stream.tasks[j].test[i][0] for j in range(2) for i in range(4)])
+    x = torch.stack([data.tasks[j].test[i][0] for j in range(2) for i in range(4)])
     with torch.no_grad():
         pruned = method(x)
         method.cfg.ensemble_prune = False
@@ -227,18 +254,18 @@ def test_statistics_survive_save_and_load(trained: dict[str, Any], backbone: Fro
     for key, value in method.state_dict().items():
         if key.endswith(("cls_mu", "cls_var", "cls_fitted", "tii_mean", "tii_chol", "tii_fitted")):
             assert torch.equal(value, loaded.state_dict()[key]), key
-    last = loaded.dpw[str(backbone.depth - 1)]  # layer 0's CLS input is image-independent: variance 0
-    assert bool(last.cls_fitted[1]) and float(last.cls_var[1].sum()) > 0  # type: ignore[index]
+    last = loaded.dpw_layer(backbone.depth - 1)  # layer 0's CLS input is image-independent: variance 0
+    assert bool(last.cls_fitted[1]) and float(last.cls_var[1].sum()) > 0
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(method(x), loaded(x), atol=1e-6)
 
 
 def test_resume_matches_uninterrupted(trained: dict[str, Any], backbone: FrozenViT, tmp_path: Path) -> None:
-    cfg = TrainConfig(**TCFG, checkpoint_dir=str(tmp_path / "ckpt"))
+    cfg = tcfg(tmp_path / "ckpt")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(make(backbone), synthetic_stream(2, **STREAM), cfg, callbacks=[Interrupt()]).fit()
-    resumed = Trainer(make(backbone), synthetic_stream(2, **STREAM), cfg)
+        Trainer(make(backbone), stream(), cfg, callbacks=[Interrupt()]).fit()
+    resumed = Trainer(make(backbone), stream(), cfg)
     res = resumed.fit(resume_from=tmp_path / "ckpt")
     ref = trained["results"]
     for key in ("final_average_accuracy", "average_incremental_accuracy", "forgetting"):

@@ -34,7 +34,17 @@ from edgecl.backbone import FrozenViT, LayerHooks
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.registry import register_method
 
-__all__ = ["ABLATIONS", "DPW", "DPWConfig", "DPWLayer", "cond_act", "fit_gaussian", "gaussian_logpdf"]
+__all__ = [
+    "ABLATIONS",
+    "DPW",
+    "DPWConfig",
+    "DPWLayer",
+    "cond_act",
+    "fit_gaussian",
+    "gaussian_logpdf",
+    "gaussian_logprob",
+    "resolve_cov",
+]
 
 COND_NORM_THRESHOLD = 1.0
 """CondNorm divides by the sum only above this [code: clip/attention.py, ``clamp(sum / 1.0, min=1.0)``]."""
@@ -127,8 +137,9 @@ class DPWConfig(MethodConfig):
     is over-confident (mean top confidence 0.86 at 34% TII accuracy; test NLL of the true task 5.2 nats,
     best ≈ 1.5 at scale 16), while the per-dimension analogue of /512 (scale = D) is ≈ uniform. Larger
     scales soften the ensemble but cost up to T passes (fewer passes can be pruned)."""
-    tii_cv_folds: int = 2
-    """Folds of the held-out task-identification estimate on the current task's training images."""
+    tii_cv_folds: int = 5
+    """Folds of the held-out task-identification estimate on the current task's training images (each fold
+    fit uses the covariance type chosen for the whole task, so held-out and final Gaussians are alike)."""
 
     def validate(self) -> None:
         """Check the DPW fields."""
@@ -183,6 +194,13 @@ def gaussian_logpdf(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
+def resolve_cov(mode: str, n: int, dim: int, full_ratio: float) -> str:
+    """``auto`` -> ``full`` when there are at least ``full_ratio·dim`` samples, else ``diag``."""
+    if mode != "auto":
+        return mode
+    return "full" if n >= full_ratio * dim else "diag"
+
+
 def fit_gaussian(feats: Tensor, mode: str, eps: float, full_ratio: float = 2.0) -> tuple[Tensor, Tensor]:
     """(mean, lower Cholesky factor of the covariance + eps·I) of ``n x D`` features, in float64.
 
@@ -194,8 +212,7 @@ def fit_gaussian(feats: Tensor, mode: str, eps: float, full_ratio: float = 2.0) 
     mean = f.mean(0)
     c = f - mean
     denom = max(n - 1, 1)
-    if mode == "auto":
-        mode = "full" if n >= full_ratio * d else "diag"
+    mode = resolve_cov(mode, n, d, full_ratio)
     eye = torch.eye(d, dtype=f.dtype, device=f.device)
     if mode == "diag":
         return mean, torch.diag((c.pow(2).sum(0) / denom + eps).sqrt())
@@ -427,8 +444,10 @@ class DPW(Method):
         if dim % heads:
             raise ValueError(f"prefix_heads={heads} must divide the embedding width {dim}")
         if cfg.scoring == "repa" and heads * cfg.prefix_length > dim:
-            raise ValueError(f"prefix_heads x prefix_length = {heads * cfg.prefix_length} exceeds D={dim} "
-                             "(W_G is initialised from that many singular vectors)")
+            raise ValueError(
+                f"prefix_heads x prefix_length = {heads * cfg.prefix_length} exceeds D={dim} "
+                "(W_G is initialised from that many singular vectors)"
+            )
         if cfg.rwm and cfg.adapter_rank > dim:
             raise ValueError(f"adapter_rank={cfg.adapter_rank} exceeds D={dim}")
         self.layer_ids = layers
@@ -621,15 +640,17 @@ class DPW(Method):
 
     def _cv_tii(self, f: Tensor, t: int) -> float:
         """Held-out TII on task t's own training images: k-fold, each fold scored against a Gaussian fitted
-        on the other folds plus the earlier tasks' Gaussians; the fraction assigned to task t."""
+        on the other folds (same covariance type as the final fit) plus the earlier tasks' Gaussians; the
+        fraction assigned to task t. Slightly pessimistic: fold fits see (k-1)/k of the images."""
         k = min(self.cfg.tii_cv_folds, f.shape[0])
         if t == 0 or k < 2:
             return 1.0  # a single candidate task: identification is trivially right
         fold = torch.arange(f.shape[0], device=f.device) % k
         cfg = self.cfg
+        mode = resolve_cov(cfg.tii_cov, f.shape[0], f.shape[1], cfg.tii_full_ratio)
         correct = 0
         for j in range(k):
-            mean, chol = fit_gaussian(f[fold != j], cfg.tii_cov, cfg.tii_eps, cfg.tii_full_ratio)
+            mean, chol = fit_gaussian(f[fold != j], mode, cfg.tii_eps)
             means = torch.cat([self.tii_mean[:t].double(), mean[None]])
             chols = torch.cat([self.tii_chol[:t].double(), chol[None]])
             correct += int((gaussian_logprob(f[fold == j], means, chols).argmax(1) == t).sum())
