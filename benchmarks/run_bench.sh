@@ -2,8 +2,10 @@
 # The committed benchmark (benchmarks/RESULTS.md, benchmarks/results/): every registered method plus the CPS
 # ablation on the 100 held-out Tiny-ImageNet classes with the reference ViT-Tiny (64 px, patch 8), on CPU.
 # 5 tasks x 10 classes, 20 training and 20 test images per class, 5 epochs (so DPCT's lambda = 0.4 splits
-# them exactly 2 + 3), seed 0, 2 torch threads per child; children run one after another. Run from the
+# them exactly 2 + 3), seed 0, one torch thread per child; children run one after another. Run from the
 # repository root on an otherwise idle machine (check `uptime`): times are only clean when nothing else runs.
+# One thread, not two: with other load on this 2-core machine, 2 intra-op threads made a training step ~6x
+# slower (wall and CPU) than 1 thread (OpenMP threads waiting on each other; see RESULTS.md).
 # Extra arguments are appended, e.g. `benchmarks/run_bench.sh --reuse` to continue an interrupted run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +16,4 @@ exec .venv/bin/edgecl bench \
   --data "$SHARED/datasets/tinyimagenet-100-heldout" \
   --weights "$SHARED/weights/vit_tiny_p8_64_tin100.safetensors" --img-size 64 --patch-size 8 \
   --tasks 5 --num-classes 50 --limit-per-class 20 --test-limit-per-class 20 --epochs 5 \
-  --seeds 0 --threads 2 --out "$OUT" "$@"
+  --seeds 0 --threads 1 --out "$OUT" "$@"

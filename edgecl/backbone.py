@@ -155,6 +155,10 @@ class FrozenViT(nn.Module):
             mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
             std=tuple(float(s) for s in std),  # type: ignore[arg-type]
         )
+        from timm.layers import Mlp
+
+        self._inplace_mlp = tuple(isinstance(b.mlp, Mlp) and type(b.mlp.act) is nn.GELU for b in model.blocks)
+        """Blocks whose MLP may run in place when gradients are off (timm's Mlp with GELU)."""
         self.spec: dict[str, Any] = {"name": name}
         """How to rebuild this backbone (``load_backbone`` keyword arguments), stored in checkpoints."""
         super().train(False)
@@ -214,6 +218,23 @@ class FrozenViT(nn.Module):
             p = p.unsqueeze(0).expand(batch, -1, -1)
         b, lp, d = p.shape
         return p.reshape(b, lp, heads, d // heads).transpose(1, 2)
+
+    def _frozen_block(self, i: int, blk: nn.Module, x: Tensor) -> Tensor:
+        """timm's block; without autograd its MLP half runs in place (same math, two fewer large buffers).
+
+        The attention half is timm's own; the GELU and the second residual add write into their inputs,
+        which no one else holds when gradients are off. Other MLP types run timm's block unchanged.
+        """
+        if torch.is_grad_enabled() or not self._inplace_mlp[i]:
+            return blk(x)
+        mlp = blk.mlp
+        x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+        h = mlp.fc1(blk.norm2(x))
+        h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
+        h = blk.drop_path2(blk.ls2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))))
+        if h.dtype != x.dtype:
+            return x + h
+        return x.add_(h)
 
     def _cls_qkv(self, blk: nn.Module, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The qkv projection split for a CLS-only block: q of the CLS token (``B x H x 1 x dh``), k and v of
@@ -321,7 +342,7 @@ class FrozenViT(nn.Module):
             if i == last and not return_tokens and not wants:
                 tokens = self._cls_block(blk, tokens, prefix)
             elif prefix is None and not wants:
-                tokens = blk(tokens)
+                tokens = self._frozen_block(i, blk, tokens)
             else:
                 tokens = self._block(i, blk, tokens, prefix, hooks if wants else None)
         tokens = self.vit.norm(tokens)
@@ -377,7 +398,7 @@ class FrozenViT(nn.Module):
                 elif i == last:
                     tokens = self._cls_block(blk, tokens, None)
                 else:
-                    tokens = blk(tokens)
+                    tokens = self._frozen_block(i, blk, tokens)
             cls = self.vit.norm(tokens)[:, 0]
         # clone outside inference mode so the results may feed autograd graphs (prompt queries)
         return QueryOutput(

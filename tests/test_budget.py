@@ -255,7 +255,7 @@ class FakeProber:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def train_step(self, m: int, precision: str, rate: float | None) -> dict[str, float]:
+    def train_step(self, m: int, precision: str, rate: float | None, **_: Any) -> dict[str, float]:
         self.calls.append(("train", m, precision, rate))
         saved = 4.0 * m * (1.0 - (rate or 0.0)) * (0.5 if precision == "bf16" else 1.0)
         return {

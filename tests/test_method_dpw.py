@@ -22,6 +22,7 @@ from edgecl.methods.dpw import (
     gaussian_logprob,
     resolve_cov,
 )
+from edgecl.methods.tii import TaskIdentificationCallback
 from edgecl.train.callbacks import Callback
 from edgecl.train.model_io import load_model
 from edgecl.train.trainer import TrainConfig, Trainer
@@ -32,9 +33,7 @@ def one_thread() -> Iterator[None]:
     """One intra-op thread: small CPU ops are much faster without OpenMP contention on shared cores."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
     yield
-    torch.set_flush_denormal(False)
     torch.set_num_threads(old)
 
 
@@ -205,7 +204,8 @@ def trained(backbone: FrozenViT, tmp_path_factory: pytest.TempPathFactory) -> di
     root = tmp_path_factory.mktemp("dpw")
     method = make(backbone)
     snap = Snapshot()
-    trainer = Trainer(method, stream(), tcfg(root / "ckpt", root / "model"), callbacks=[snap])
+    callbacks = [snap, TaskIdentificationCallback()]
+    trainer = Trainer(method, stream(), tcfg(root / "ckpt", root / "model"), callbacks=callbacks)
     results = trainer.fit()
     return {"method": method, "results": results, "snapshot": snap.state, "root": root, "trainer": trainer}
 
@@ -220,7 +220,8 @@ def test_end_to_end_two_tasks(trained: dict[str, Any]) -> None:
     assert bool(method.tii_fitted[:2].all())
     data = stream()
     tests = [torch.utils.data.DataLoader(t.test, batch_size=32) for t in data.tasks]
-    assert method.tii_accuracy(x for dl in tests for x in dl) > 0.5
+    tii = method.tii_accuracy(x for dl in tests for x in dl)
+    assert tii > 0.5 and rec["task_identification_accuracy"] == pytest.approx(tii)  # test-set TII callback
     # ensemble pruning keeps top-1 exactly; argmax mode gives the same shape
     x = torch.stack([data.tasks[j].test[i][0] for j in range(2) for i in range(4)])
     with torch.no_grad():

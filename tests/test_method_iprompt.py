@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from edgecl.backbone import FrozenViT
 from edgecl.data import synthetic_stream
 from edgecl.methods import Phase, TaskInfo, build_config, create_method, list_methods
-from edgecl.methods.iprompt import IPrompt, _IPromptHooks, match_tokens
+from edgecl.methods.iprompt import READOUTS, IPrompt, _IPromptHooks, match_tokens
 from edgecl.train.callbacks import Callback
 from edgecl.train.model_io import load_model
 from edgecl.train.trainer import TrainConfig, Trainer
@@ -118,11 +118,35 @@ def test_cls_attention_readout_matches_explicit_attention(backbone: FrozenViT) -
     assert torch.allclose(hooks.cls_attn, probs, atol=1e-5)
 
 
+@pytest.mark.parametrize("readout", READOUTS)
+def test_readouts_weight_image_tokens(backbone: FrozenViT, readout: str) -> None:
+    method = make(backbone, readout=readout)
+    method.begin_task(TaskInfo(0, [0, 1], 0))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, hooks = method._forward(x, train=False)
+        tokens = backbone(x, hooks=_IPromptHooks(method, train=False), return_tokens=True)
+    img = tokens[:, 1:]
+    if readout == "cls":
+        expected = tokens[:, 0]
+    elif readout == "mean":
+        expected = img.mean(1)
+    else:
+        w = hooks.cls_attn if readout == "cls_attn" else torch.stack(hooks.cos).mean(0).clamp_min(0) + 1e-6
+        assert w is not None
+        expected = (w / w.sum(-1, keepdim=True)).unsqueeze(-1).mul(img).sum(1)
+    assert feats.shape == (2, backbone.embed_dim)
+    assert torch.allclose(feats, expected, atol=1e-5)
+
+
 def _count_block_runs(backbone: FrozenViT) -> tuple[list[int], list[Any]]:
-    """Each block's MLP runs once per block execution, in timm's fused block and in the hooked path."""
+    """``norm1`` runs exactly once per block execution on every backbone path (timm's block, the in-place
+    frozen block, the hooked/prefix block, the CLS-only last block), so its calls count block runs."""
     calls = [0]
     blocks: list[Any] = list(cast(nn.ModuleList, backbone.vit.blocks))
-    handles = [blk.mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for blk in blocks]
+    handles = [
+        blk.norm1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for blk in blocks
+    ]
     return calls, handles
 
 

@@ -58,11 +58,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 """The seed's ablation rows (Table 3) as config overrides.
 
-* ``baseline`` -- "remove all": decoupled prefix attention ``softmax(q·k_p/√d_h') V_p`` (DIKI-style, the
-  structure DPW modifies) with the FROZEN query q and learnable prefix keys k_p; no B_G, no CondNorm, no
-  CondFiltering, no adapter.
-* ``repa`` -- RePA scores ``X W_G + B_G`` replace ``q·k_p``; still softmax; no adapter.
-* ``condact`` -- ``q·k_p`` scores with CondAct (sigmoid + CondNorm, CondFiltering at inference); no adapter.
+* ``baseline`` -- "remove all": decoupled prefix attention ``softmax(q·k_p/√(D/h') + b) V_p`` (DIKI-style,
+  the structure DPW modifies) with the FROZEN query q, learnable prefix keys k_p and a learnable constant
+  b (h' x Lp, init ``bias_init``; a softmax ignores it at init); no CondNorm, no CondFiltering, no adapter.
+* ``repa`` -- RePA scores ``X W_G + B_G`` (own projection, per-token constant) replace ``q·k_p + b``;
+  still softmax; no adapter.
+* ``condact`` -- ``q·k_p/√(D/h') + b`` scores with CondAct (sigmoid + CondNorm, CondFiltering at
+  inference); no adapter. Without b the sigmoid sum would start at Lp·σ(0) = 4 > 1, so CondNorm would
+  always normalise and the row would equal ``baseline``; with b = -4 it starts in the floating regime.
 * ``repa_condact`` -- RePA + CondAct; no adapter (RWM off).
 * ``full`` -- RePA + CondAct + RWM (the adapter scaled by Δ): the complete DPW, the default.
 
@@ -96,7 +99,8 @@ class DPWConfig(MethodConfig):
     adapter_scale: float = 0.05
     """Fixed output scale of the adapter [code: named ``lr`` there, not a learning rate]."""
     scoring: str = "repa"
-    """``repa`` (X W_G + B_G) or ``query_key`` (frozen q · learnable prefix keys / √(D/h'), ablation)."""
+    """``repa`` (X W_G + B_G) or ``query_key`` (frozen q · learnable prefix keys / √(D/h') + a learnable
+    per-(head, prefix) constant initialised at ``bias_init``; ablation rows)."""
     activation: str = "condact"
     """``condact`` (sigmoid + CondNorm, CondFiltering at inference) or ``softmax`` over the L_p prefixes."""
     rwm: bool = True
@@ -250,6 +254,7 @@ class DPWSlot(nn.Module):
     wg: nn.Parameter
     bg: nn.Parameter
     key: nn.Parameter
+    key_bias: nn.Parameter
     up_w: nn.Parameter
     up_b: nn.Parameter
 
@@ -263,6 +268,7 @@ class DPWSlot(nn.Module):
             self.bg = nn.Parameter(torch.zeros(heads, tokens, length))
         else:
             self.key = nn.Parameter(torch.randn(length, dim) * 0.02)  # [GUESS] small keys: near-uniform start
+            self.key_bias = nn.Parameter(torch.zeros(heads, length))
         if rwm:
             self.up_w = nn.Parameter(torch.randn(dim, rank) * 0.02)  # [code] N(0, 0.02)
             self.up_b = nn.Parameter(torch.zeros(dim))  # [code] bias 0
@@ -301,6 +307,8 @@ class DPWLayer(nn.Module):
                 if wg is not None:
                     slot.wg.copy_(wg.float())
                     slot.bg.fill_(cfg.bias_init)
+                else:
+                    slot.key_bias.fill_(cfg.bias_init)
         # adapter down-projection: top-r input-space singular directions of W_V (the left singular vectors
         # of the (in, out) matrix W_Vᵀ), D x r, frozen and shared [code]
         down = vh_v[: cfg.adapter_rank].T.float().contiguous() if cfg.rwm else torch.zeros(0)
@@ -339,7 +347,7 @@ class DPWLayer(nn.Module):
         q = attn.q_norm(q.view(b, n, hd, d // hd).transpose(1, 2)).transpose(1, 2).reshape(b, n, d)
         q = q.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # B x h' x N x d/h'
         k = p.key.view(self.length, self.heads, d // self.heads).permute(1, 2, 0)  # h' x d/h' x Lp
-        return q @ k / math.sqrt(d // self.heads)
+        return q @ k / math.sqrt(d // self.heads) + p.key_bias[None, :, None, :]
 
     def adapter(self, slot: int, x: Tensor) -> Tensor:
         """LoRA adapter output ``B x N x D``: ``scale · U_t(dropout(X D))`` with D frozen and shared."""
@@ -657,16 +665,21 @@ class DPW(Method):
         return correct / f.shape[0]
 
     @torch.no_grad()
+    def predict_task(self, x: Tensor) -> Tensor:
+        """Most likely finished task per image, ``B`` (long); the ``TaskIdentificationCallback`` protocol."""
+        if self.num_tasks_seen == 0:
+            raise RuntimeError("no task has finished yet; there are no task Gaussians")
+        return self.task_logprob(x).argmax(1)
+
+    @torch.no_grad()
     def tii_accuracy(self, loader: Iterable[tuple[Tensor, Tensor]]) -> float:
         """Task-identification accuracy on labelled data (e.g. the test sets of the tasks learned so far)."""
         n = self.num_tasks_seen
-        if n == 0:
-            raise ValueError("no task has finished yet; there are no task Gaussians")
         device = self.head.weight.device
         ends = self.class_end[:n].cpu()
         correct = total = 0
         for x, y in loader:
-            pred = self.task_logprob(x.to(device)).argmax(1).cpu()
+            pred = self.predict_task(x.to(device)).cpu()
             true = torch.bucketize(y.cpu(), ends, right=True)
             if int(true.max()) >= n:
                 raise ValueError("labels of classes from tasks not learned yet")
@@ -676,9 +689,10 @@ class DPW(Method):
 
     # ---- reporting / checkpoints ---------------------------------------------------------------
     def extra_metrics(self) -> dict[str, float]:
-        """Task identification measured at the last ``end_task``: k-fold held-out on the CURRENT task's
-        training images (eval transform) against all task Gaussians so far (earlier tasks' images are not
-        kept, so their misrouting to later tasks is not measured here; use :meth:`tii_accuracy`)."""
+        """``task_identification_accuracy_train_cv``: k-fold held-out TII on the CURRENT task's training
+        images (eval transform) against every task Gaussian so far; earlier tasks' images are not kept, so
+        their misrouting to later tasks is not in it. Test-set TII over all seen tasks comes from
+        :meth:`predict_task` via ``TaskIdentificationCallback`` (``task_identification_accuracy``)."""
         return dict(self._metrics)
 
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -313,6 +313,8 @@ class IPrompt(Method):
     ) -> tuple[Tensor, _IPromptHooks]:
         """The single prompted pass and the readout; returns (features ``B x D``, the hook state)."""
         hooks = _IPromptHooks(self, train, record_from)
+        if self.cfg.readout == "cls":  # the backbone may then run its last block for CLS only
+            return self.backbone(x, hooks=hooks), hooks
         tokens = self.backbone(x, hooks=hooks, return_tokens=True)
         return self.readout(tokens, hooks), hooks
 

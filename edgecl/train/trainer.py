@@ -192,13 +192,13 @@ class Trainer:
                     (loss * (xs.shape[0] / n)).backward()
                     total += float(loss.detach()) * xs.shape[0] / n
                 break
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as err:  # also a budget guard's BudgetExceeded
                 if micro <= 1:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.set_micro_batch_size(micro // 2, "out of memory")
+                self.set_micro_batch_size(micro // 2, str(err).splitlines()[0] if str(err) else "out of memory")
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.method.cfg.clip_grad
         if clip is not None and params:
