@@ -54,7 +54,7 @@ def test_masked_cross_entropy() -> None:
 
 def _count_tokens(vit: FrozenViT) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
     seen: list[int] = []
-    handle = vit.vit.blocks[-2].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    handle = vit.vit.blocks[-2].norm1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     return seen, handle
 
 

@@ -262,6 +262,7 @@ def test_statistics_survive_save_and_load(trained: dict[str, Any], backbone: Fro
         assert torch.allclose(method(x), loaded(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(trained: dict[str, Any], backbone: FrozenViT, tmp_path: Path) -> None:
     cfg = tcfg(tmp_path / "ckpt")
     with pytest.raises(KeyboardInterrupt):
