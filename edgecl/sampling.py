@@ -11,7 +11,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SAMPLING_MODES", "critical_sampling", "num_kept", "select_patches", "topk_sampling", "uniform_sampling"]
+__all__ = [
+    "SAMPLING_MODES",
+    "critical_sampling",
+    "num_kept",
+    "select_patches",
+    "topk_sampling",
+    "uniform_sampling",
+]
 
 SAMPLING_MODES = ("critical", "uniform", "topk")
 
@@ -23,7 +30,9 @@ def num_kept(num_patches: int, reduction_rate: float) -> int:
     return max(1, math.floor((1.0 - reduction_rate) * num_patches + 1e-9))
 
 
-def critical_sampling(scores: Tensor, k: int, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+def critical_sampling(
+    scores: Tensor, k: int, temperature: float, generator: torch.Generator | None = None
+) -> Tensor:
     """Draw k patches per image without replacement from p = softmax(score / τ) (CPS).
 
     Uses the Gumbel-top-k trick: topk(score/τ + Gumbel noise) has exactly the distribution of
@@ -40,7 +49,11 @@ def critical_sampling(scores: Tensor, k: int, temperature: float, generator: tor
 
 
 def uniform_sampling(
-    batch: int, num_patches: int, k: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    batch: int,
+    num_patches: int,
+    k: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """k patches per image uniformly at random without replacement (PatchDropout)."""
     noise = torch.rand(batch, num_patches, device=device, generator=generator)

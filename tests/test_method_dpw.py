@@ -246,6 +246,8 @@ def test_earlier_slot_bit_identical_and_frozen(trained: dict[str, Any]) -> None:
     opt_params = {id(p) for g in trained["trainer"].optimizer.param_groups for p in g["params"]}
     assert not opt_params & {id(p) for p in method.slot_parameters(0)}
     assert {id(p) for p in method.slot_parameters(1)} <= opt_params
+    groups = trained["trainer"].optimizer.param_groups
+    assert groups[0]["lr_scale"] == method.cfg.dpw_lr_scale and len(groups) == 2
 
 
 def test_statistics_survive_save_and_load(trained: dict[str, Any], backbone: FrozenViT) -> None:

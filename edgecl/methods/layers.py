@@ -138,7 +138,9 @@ class CodaPromptPool(nn.Module):
             half = self.length // 2
             out[layer] = (prompt[:, :half], prompt[:, half:])
             if train and self.ortho_mu > 0:
-                self._ortho = self._ortho + _ortho_penalty(k) + _ortho_penalty(a) + _ortho_penalty(p.flatten(1))
+                self._ortho = (
+                    self._ortho + _ortho_penalty(k) + _ortho_penalty(a) + _ortho_penalty(p.flatten(1))
+                )
         return out
 
     def ortho_loss(self) -> Tensor | None:

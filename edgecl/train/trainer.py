@@ -72,7 +72,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size:
+        if self.micro_batch_size is not None and not self.micro_batch_size >= 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.precision not in {"fp32", "bf16", "fp16"}:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
@@ -130,8 +130,14 @@ class Trainer:
         size = max(1, min(size, self.config.batch_size))
         if size != old:
             self.state.adaptations.append(
-                {"task": self.state.task, "epoch": self.state.epoch, "step": self.state.step, "from": old,
-                 "to": size, "reason": reason}
+                {
+                    "task": self.state.task,
+                    "epoch": self.state.epoch,
+                    "step": self.state.step,
+                    "from": old,
+                    "to": size,
+                    "reason": reason,
+                }
             )
         self.state.micro_batch_size = size
 
@@ -188,7 +194,11 @@ class Trainer:
                 for start in range(0, n, micro):
                     xs, ys = x[start : start + micro], y[start : start + micro]
                     with self._autocast():
-                        loss = self.method.head_loss(xs, ys) if cached else self.method.training_loss(xs, ys, phase)
+                        loss = (
+                            self.method.head_loss(xs, ys)
+                            if cached
+                            else self.method.training_loss(xs, ys, phase)
+                        )
                     (loss * (xs.shape[0] / n)).backward()
                     total += float(loss.detach()) * xs.shape[0] / n
                 break
@@ -198,7 +208,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.set_micro_batch_size(micro // 2, str(err).splitlines()[0] if str(err) else "out of memory")
+                self.set_micro_batch_size(
+                    micro // 2, str(err).splitlines()[0] if str(err) else "out of memory"
+                )
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         clip = self.method.cfg.clip_grad
         if clip is not None and params:
@@ -303,7 +315,9 @@ class Trainer:
         c = ckpt.load_checkpoint(directory)
         meta = c.meta
         if meta.get("method") != self.method.name:
-            raise ValueError(f"checkpoint {directory} is for method '{meta.get('method')}', not '{self.method.name}'")
+            raise ValueError(
+                f"checkpoint {directory} is for method '{meta.get('method')}', not '{self.method.name}'"
+            )
         saved, now = list(meta["class_order"]), self.stream.class_order
         n = min(len(saved), len(now))
         if saved[:n] != now[:n] or int(meta["task"]) >= len(self.stream.tasks):
@@ -339,7 +353,9 @@ class Trainer:
         missing, unexpected = self.method.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the method: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"checkpoint does not match the method: missing {missing}, unexpected {unexpected}"
+            )
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self, resume_from: str | Path | None = None) -> dict[str, Any]:
@@ -354,7 +370,9 @@ class Trainer:
         self.callbacks.on_run_start(self)
         try:
             for t in range(start_task, n_tasks):
-                self._train_task(t, start_epoch if t == start_task else 0, resumed=t == start_task and start_epoch > 0)
+                self._train_task(
+                    t, start_epoch if t == start_task else 0, resumed=t == start_task and start_epoch > 0
+                )
         except BaseException as exc:
             self.callbacks.on_exception(self, exc)
             raise
