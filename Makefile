@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SHARED ?= ../shared
 
-.PHONY: setup demo test test-fast lint check-deploy bench step-bench clean
+.PHONY: setup demo test test-fast lint check-budget check-deploy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgecl tests benchmarks
 	$(VENV)/bin/ruff format --check edgecl tests benchmarks
+
+check-budget: $(STAMP)
+	$(PY) -m pytest -q -m budget_integration tests/test_budget.py
 
 check-deploy: $(STAMP)
 	$(PY) -m pytest -q tests/test_deploy.py tests/test_doctor.py

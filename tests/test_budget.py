@@ -426,6 +426,7 @@ TRAIN_CHILD = TINY + textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.budget_integration
 def test_three_budgets_loose_tight_impossible() -> None:
     free = _run_child(TRAIN_CHILD, "none")["plan"]
     cands = free["candidates"][0]
