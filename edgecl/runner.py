@@ -187,17 +187,16 @@ def default_callbacks(spec: RunSpec) -> list[Callback]:
 def run_training(spec: RunSpec, extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Build and train ``spec``; returns the results dict with the spec and the machine added."""
     method, stream, config = build_run(spec)
+    # callbacks first: the sampler thread and friends are part of the idle baseline the planner measures
+    callbacks = default_callbacks(spec) + list(extra_callbacks or [])
     plan = None
     if spec.memory_budget_mb is not None:
-        from edgecl.budget import apply_plan, plan_training
+        from edgecl.budget import BudgetGuard, apply_plan, plan_training
 
-        plan = plan_training(method, stream, config, budget_mb=spec.memory_budget_mb)
+        plan = plan_training(method, stream, config, budget_mb=spec.memory_budget_mb, profile=spec.profile)
         apply_plan(plan, method, config)
-    callbacks = default_callbacks(spec) + list(extra_callbacks or [])
-    if spec.memory_budget_mb is not None:
-        from edgecl.budget import BudgetGuard
-
-        callbacks.append(BudgetGuard(spec.memory_budget_mb))
+        print(plan.render())
+        callbacks.append(BudgetGuard(plan))  # the plan carries the memory scope (RSS, CUDA, unified)
     trainer = Trainer(method, stream, config, callbacks)
     t0 = time.perf_counter()
     results = trainer.fit(resume_from=spec.resume)
@@ -205,5 +204,5 @@ def run_training(spec: RunSpec, extra_callbacks: list[Callback] | None = None) -
     results["spec"] = asdict(spec)
     results["machine"] = machine_info()
     if plan is not None:
-        results["plan"] = plan.to_dict()
+        results["memory_plan"] = plan.to_dict()
     return results
