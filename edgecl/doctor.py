@@ -30,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecl.settings import SettingLookup, read_env_file
+
 if TYPE_CHECKING:
     from edgecl.profiles import Profile
 
@@ -138,44 +140,6 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------ settings
-
-
-def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Parse a systemd EnvironmentFile (KEY=VALUE lines, # or ; comments, optional quotes)."""
-    out: dict[str, str] = {}
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;" or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
-
-
-class _Settings:
-    """Looks a setting up in flag > environment > env file order, remembering where each value came from."""
-
-    def __init__(self, environ: Mapping[str, str], env_file: Mapping[str, str], env_file_path: str) -> None:
-        self.environ = environ
-        self.env_file = env_file
-        self.env_file_path = env_file_path
-        self.sources: dict[str, str] = {}
-
-    def get(self, key: str, flag_value: Any, flag: str, env: str) -> Any | None:
-        """The value of ``key`` and, in ``sources``, where it came from (empty strings count as unset)."""
-        if flag_value not in (None, ""):
-            self.sources[key] = flag
-            return flag_value
-        if self.environ.get(env):
-            self.sources[key] = f"environment {env}"
-            return self.environ[env]
-        if self.env_file.get(env):
-            self.sources[key] = f"{self.env_file_path} {env}"
-            return self.env_file[env]
-        return None
 
 
 def _is_jetson(paths: SystemPaths) -> bool:
@@ -839,7 +803,7 @@ def run_doctor(
             env_file_note = "absent"
         except (OSError, UnicodeDecodeError) as err:
             env_file_note = f"unreadable ({getattr(err, 'strerror', None) or err})"
-    cfg = _Settings(environ, env_file, env_file_path)
+    cfg = SettingLookup(environ, env_file, env_file_path)
     jetson = _is_jetson(paths)
 
     profile_name = cfg.get("profile", options.profile, "--profile", "EDGECL_PROFILE")

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgecl.data.ingest import IngestLimits
 from edgecl.profiles import Profile, load_profile
+from edgecl.settings import SettingLookup, read_env_file
 
 __all__ = [
     "DEFAULT_ENV_FILE",
@@ -107,43 +108,6 @@ def resolve_precision(precision: str, device: str, allow_autocast: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Parse a systemd EnvironmentFile (KEY=VALUE lines, # or ; comments, optional quotes)."""
-    out: dict[str, str] = {}
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;" or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
-
-
-class _Lookup:
-    """flag > environment > env file, remembering where each value came from."""
-
-    def __init__(self, environ: Mapping[str, str], env_file: Mapping[str, str], env_file_path: str) -> None:
-        self.environ = environ
-        self.env_file = env_file
-        self.env_file_path = env_file_path
-        self.sources: dict[str, str] = {}
-
-    def get(self, key: str, flag_value: Any, flag: str, env: str) -> Any | None:
-        if flag_value not in (None, ""):
-            self.sources[key] = flag
-            return flag_value
-        if self.environ.get(env):
-            self.sources[key] = f"environment {env}"
-            return self.environ[env]
-        if self.env_file.get(env):
-            self.sources[key] = f"{self.env_file_path} {env}"
-            return self.env_file[env]
-        return None
-
-
 def _default_profile_name() -> str:
     try:
         from edgecl.doctor import default_profile_name
@@ -219,7 +183,7 @@ def resolve_settings(
     env_file_path = env_file or ""
     if env_file_path and Path(env_file_path).is_file():
         file_values = read_env_file(env_file_path)
-    look = _Lookup(environ, file_values, env_file_path)
+    look = SettingLookup(environ, file_values, env_file_path)
     profile_name = look.get("profile", profile, "--profile", "EDGECL_PROFILE")
     if profile_name is None:
         profile_name = _default_profile_name()
