@@ -157,6 +157,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     import timm  # noqa: F401  (part of "idle": torch, timm and the model loaded)
 
+    tuned = False
+    if spec.get("tune_allocator"):
+        from edgecl.budget import tune_allocator
+
+        tuned = tune_allocator()  # what profiles with tune_allocator: true do (fixed glibc mmap threshold)
+
     from edgecl.backbone import load_backbone
     from edgecl.data import synthetic_stream
     from edgecl.methods import Phase, TaskInfo, create_method
@@ -191,7 +197,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     y = torch.tensor([classes[i % len(classes)] for i in range(batch)])
     feats = torch.randn(batch, vit.embed_dim)
     first_phase = method.phase(0, spec["epochs"])
-    record: dict[str, Any] = {"variant": spec["variant"], "method": name, "mode": mode, "pid": os.getpid()}
+    record: dict[str, Any] = {
+        "variant": spec["variant"],
+        "method": name,
+        "mode": mode,
+        "pid": os.getpid(),
+        "allocator_tuned": tuned,
+    }
 
     fn: Callable[[], object]
     if mode == "phase1":
@@ -332,6 +344,11 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from edgecl.methods import create_method
     from edgecl.train import Callback, TrainConfig, Trainer
 
+    if spec.get("tune_allocator"):
+        from edgecl.budget import tune_allocator
+
+        tune_allocator()
+
     torch.manual_seed(spec.get("seed", 0))
     vit = load_backbone(
         spec["backbone"],
@@ -354,12 +371,12 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     class Timer(Callback):
         def __init__(self) -> None:
-            self.t0 = self.t1 = 0.0
+            self.t0 = self.t1 = self.c0 = self.c1 = 0.0
             self.epochs: list[dict[str, Any]] = []
             self._e0 = 0.0
 
         def on_task_start(self, trainer: Trainer, task: int) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_epoch_start(self, trainer: Trainer, task: int, epoch: int) -> None:
             self._e0 = time.perf_counter()
@@ -370,7 +387,7 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
             )
 
         def on_train_end(self, trainer: Trainer, task: int) -> None:
-            self.t1 = time.perf_counter()
+            self.t1, self.c1 = time.perf_counter(), time.process_time()
 
     timer = Timer()
     cfg = TrainConfig(
@@ -387,6 +404,7 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "epochs": spec["epochs"],
         "steps_per_epoch": math.ceil(images / spec["batch"]),
         "train_seconds": timer.t1 - timer.t0,
+        "train_cpu_seconds": timer.c1 - timer.c0,
         "per_epoch": timer.epochs,
         "note": "training region only (on_task_start -> on_train_end): data loading and transforms included, "
         "end-of-task evaluation excluded",
@@ -439,12 +457,14 @@ def task_estimate(
     batch: int,
     images: int,
     min_prompt_epochs: int = 1,
+    key: str = "s_per_step",
 ) -> dict[str, Any] | None:
     """Whole-task training time of CPS+DPCT (``variant``) vs CODA-Prompt from the per-step figures.
 
     With S = ceil(n / B) steps per epoch, P = max(min_prompt_epochs, floor(λ·E)) phase-1 epochs and H = E − P:
     ``T_cps = P·S·t_phase1 + n·c_image + H·S·t_phase2_cached`` and ``T_coda = E·S·t_coda``. Without the cache
-    phase 2 costs ``H·S·t_phase2_recompute`` instead (the reference's schedule).
+    phase 2 costs ``H·S·t_phase2_recompute`` instead (the reference's schedule). ``key`` picks the per-step
+    figure: wall-clock ``s_per_step`` or process CPU ``cpu_s_per_step`` (steadier on a loaded machine).
     """
     p1, rec = _find(results, variant, "phase1"), _find(results, variant, "phase2_recompute")
     cached, build = _find(results, variant, "phase2_cached"), _find(results, variant, "cache_build")
@@ -454,13 +474,14 @@ def task_estimate(
     steps = math.ceil(images / batch)
     p = min(epochs, max(min_prompt_epochs, math.floor(phase_ratio * epochs + 1e-9)))
     h = epochs - p
-    t_p1 = p * steps * p1["s_per_step"]
-    t_cache = images * build["s_per_image"]
-    t_head = h * steps * cached["s_per_step"]
+    t_p1 = p * steps * p1[key]
+    t_cache = images * build[key] / build["batch"]
+    t_head = h * steps * cached[key]
     t_cps = t_p1 + t_cache + t_head
-    t_coda = epochs * steps * cd["s_per_step"]
+    t_coda = epochs * steps * cd[key]
     out: dict[str, Any] = {
         "variant": variant,
+        "figure": key,
         "formula": "T_cps = P*S*t_phase1 + n*c_image + H*S*t_phase2_cached; T_coda = E*S*t_coda; "
         "S = ceil(n/B), P = max(min_prompt_epochs, floor(lambda*E)), H = E - P",
         "images": images,
@@ -478,7 +499,7 @@ def task_estimate(
         "ratio": t_cps / t_coda,
     }
     if rec:
-        t_rec = t_p1 + h * steps * rec["s_per_step"]
+        t_rec = t_p1 + h * steps * rec[key]
         out["cps_task_seconds_without_cache"] = t_rec
         out["ratio_without_cache"] = t_rec / t_coda
     return out
@@ -541,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-batch", type=int, default=64, help="batch of the cache_build mode (eval batch)")
     ap.add_argument(
         "--micro-batch", type=int, default=None, help="trainer micro-batch (gradient accumulation)"
+    )
+    ap.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="fix glibc's mmap threshold first (edgecl.budget.tune_allocator, as profiles do by default)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -605,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": args.batch,
         "cache_batch": args.cache_batch,
         "micro_batch": args.micro_batch,
+        "tune_allocator": args.tune_allocator,
         "threads": args.threads,
         "precision": args.precision,
         "steps": args.steps,
@@ -634,34 +661,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v in variants:
         p1 = _find(results, v, "phase1")
         if cd and p1 and v != coda:
-            ratios[v] = {"phase1_step_vs_coda": p1["s_per_step"] / cd["s_per_step"]}
+            ratios[v] = {
+                "phase1_step_vs_coda": p1["s_per_step"] / cd["s_per_step"],
+                "phase1_cpu_vs_coda": p1["cpu_s_per_step"] / cd["cpu_s_per_step"],
+            }
+    dpct = [v for v in variants if parse_variant(v)[0] in {"cps_prompt", "patchdropout"}]
+    run = (args.epochs, args.phase_ratio, args.batch)
     estimates = [
         e
-        for v in variants
-        if parse_variant(v)[0] in {"cps_prompt", "patchdropout"}
-        and (
-            e := task_estimate(results, v, coda, args.epochs, args.phase_ratio, args.batch, args.task_images)
-        )
+        for v in dpct
+        for key in ("s_per_step", "cpu_s_per_step")
+        if (e := task_estimate(results, v, coda, *run, args.task_images, key=key))
     ]
     validation: list[dict[str, Any]] = []
     if args.validate_task:
         for v in _split_variants(args.validate_variants):
-            spec = {**common, "variant": v, "task_images": args.validate_images}
-            rec = _spawn(spec, "task-worker", args.timeout)
-            est = None
-            if parse_variant(v)[0] != "coda_prompt":
-                est = task_estimate(
-                    results, v, coda, args.epochs, args.phase_ratio, args.batch, args.validate_images
-                )
-                rec["estimated_seconds"] = est["cps_task_seconds"] if est else None
-            elif cd:
-                rec["estimated_seconds"] = (
-                    args.epochs * math.ceil(args.validate_images / args.batch) * cd["s_per_step"]
-                )
+            rec = _spawn(
+                {**common, "variant": v, "task_images": args.validate_images}, "task-worker", args.timeout
+            )
+            for key, field in (
+                ("s_per_step", "estimated_seconds"),
+                ("cpu_s_per_step", "estimated_cpu_seconds"),
+            ):
+                if parse_variant(v)[0] != "coda_prompt":
+                    est = task_estimate(results, v, coda, *run, args.validate_images, key=key)
+                    rec[field] = est["cps_task_seconds"] if est else None
+                elif cd:
+                    rec[field] = args.epochs * math.ceil(args.validate_images / args.batch) * cd[key]
             validation.append(rec)
             print(
-                f"task {v}: measured {rec.get('train_seconds', float('nan')):.1f} s, "
-                f"estimated {rec.get('estimated_seconds') or float('nan'):.1f} s",
+                f"task {v}: measured {rec.get('train_seconds', float('nan')):.1f} s "
+                f"(cpu {rec.get('train_cpu_seconds', float('nan')):.1f} s), estimated "
+                f"{rec.get('estimated_seconds') or float('nan'):.1f} s "
+                f"(cpu {rec.get('estimated_cpu_seconds') or float('nan'):.1f} s)",
                 flush=True,
             )
         done = {r["variant"]: r for r in validation if "train_seconds" in r}
@@ -669,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v, r in done.items():
                 if v != coda:
                     r["measured_ratio_vs_coda"] = r["train_seconds"] / done[coda]["train_seconds"]
+                    r["measured_cpu_ratio_vs_coda"] = r["train_cpu_seconds"] / done[coda]["train_cpu_seconds"]
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {k: v for k, v in common.items() if k != "profile_dir"},
@@ -685,10 +718,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(results))
     for v, r in ratios.items():
-        print(f"{v}: phase-1 step = {r['phase1_step_vs_coda']:.3f} x CODA step")
+        print(
+            f"{v}: phase-1 step = {r['phase1_step_vs_coda']:.3f} x CODA step "
+            f"(cpu time {r['phase1_cpu_vs_coda']:.3f} x)"
+        )
     for e in estimates:
         print(
-            f"whole task {e['variant']}: {e['cps_task_seconds']:.0f} s vs CODA "
+            f"whole task {e['variant']} [{e['figure']}]: {e['cps_task_seconds']:.0f} s vs CODA "
             f"{e['coda_task_seconds']:.0f} s (n={e['images']}) -> ratio {e['ratio']:.3f}"
             + (f" (without cache {e['ratio_without_cache']:.3f})" if "ratio_without_cache" in e else "")
         )

@@ -41,7 +41,7 @@ def test_variant_parsing(bench: ModuleType) -> None:
 
 
 def _rec(variant: str, mode: str, s: float, **extra: Any) -> dict[str, Any]:
-    return {"variant": variant, "mode": mode, "s_per_step": s, **extra}
+    return {"variant": variant, "mode": mode, "s_per_step": s, "cpu_s_per_step": s / 2, **extra}
 
 
 def test_task_estimate_formula(bench: ModuleType) -> None:
@@ -51,7 +51,7 @@ def test_task_estimate_formula(bench: ModuleType) -> None:
         _rec(cps, "phase1", 1.0),
         _rec(cps, "phase2_recompute", 1.5),
         _rec(cps, "phase2_cached", 0.01),
-        _rec(cps, "cache_build", 6.4, s_per_image=0.1),
+        _rec(cps, "cache_build", 6.4, s_per_image=0.1, batch=64),
     ]
     est = bench.task_estimate(results, cps, "coda_prompt", epochs=20, phase_ratio=0.4, batch=16, images=100)
     steps = math.ceil(100 / 16)
@@ -61,6 +61,9 @@ def test_task_estimate_formula(bench: ModuleType) -> None:
     assert est["coda_task_seconds"] == pytest.approx(20 * steps * 2.0)
     assert est["ratio"] == pytest.approx(expected / (20 * steps * 2.0))
     assert est["ratio_without_cache"] == pytest.approx((8 * steps + 12 * steps * 1.5) / (20 * steps * 2.0))
+    cpu = bench.task_estimate(results, cps, "coda_prompt", 20, 0.4, 16, 100, key="cpu_s_per_step")
+    assert cpu["figure"] == "cpu_s_per_step" and cpu["cps_task_seconds"] == pytest.approx(expected / 2)
+    assert cpu["ratio"] == pytest.approx(est["ratio"])
     assert bench.task_estimate(results[:2], cps, "coda_prompt", 20, 0.4, 16, 100) is None
 
 
