@@ -108,6 +108,26 @@ def rss_mb() -> float:
         return float(psutil.Process().memory_info().rss) / MIB
 
 
+def rss_breakdown_mb() -> dict[str, float]:
+    """``RssAnon`` / ``RssFile`` / ``RssShmem`` of this process now, MB (empty where /proc lacks them).
+
+    File-backed pages (shared libraries, mapped weights) count in RSS but are the kernel's to evict and
+    re-read under memory pressure from other processes, so that share of the RSS can move without any
+    allocation by edgecl; plans report it so a user can tell the two apart.
+    """
+    keys = {b"RssAnon:": "anon", b"RssFile:": "file", b"RssShmem:": "shmem"}
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                key = keys.get(line.split(b"\t", 1)[0].split(b" ", 1)[0])
+                if key:
+                    out[key] = int(line.split()[1]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        return {}
+    return out
+
+
 def _hwm_mb() -> float:
     """The kernel's RSS high-water mark (``VmHWM``, reset by :func:`reset_peak_rss`), MB."""
     try:
@@ -328,6 +348,9 @@ class Plan:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
     planning_seconds: float = 0.0
+    idle_file_backed_mb: float | None = None
+    """File-backed share of the idle baseline (``RssFile``: library and weight pages the kernel may evict
+    and re-read under pressure from other processes); None where /proc does not say."""
 
     @property
     def fits(self) -> bool:
@@ -416,6 +439,7 @@ class _Prober:
             torch.cuda.synchronize(device)
             self.idle_cuda = _cuda_mb(meter_cuda, device)
         self.idle_rss = rss_mb()
+        self.idle_file_mb = rss_breakdown_mb().get("file")
         self.probe = create_method(method.name, method.backbone, describe_config(method.cfg))
         self.probe.to(device)
         expected = int(getattr(method.cfg, "expected_tasks", 1))
@@ -1091,6 +1115,7 @@ class _Planner:
             probes=self.probes,
             candidates=self.candidates,
             decisions=self.decisions,
+            idle_file_backed_mb=self.prober.idle_file_mb,
         )
 
 

@@ -148,6 +148,25 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def _check_precision(self) -> None:
+        """Refuse an autocast precision this device cannot run, before any work is done.
+
+        fp16 autocast is CUDA-only here; CPU bf16 is tried once in a child process because oneDNN's bf16
+        kernels kill the whole process with SIGILL on CPUs that advertise but do not enable AVX512-BF16/AMX.
+        """
+        precision, kind = self.config.precision, self.device.type
+        if precision == "fp32":
+            return
+        if precision == "fp16" and kind != "cuda":
+            raise ValueError(f"fp16 autocast needs a CUDA device, got {self.device}; use bf16 or fp32")
+        from edgecl.budget import autocast_works
+
+        if not autocast_works(kind, precision):
+            raise ValueError(
+                f"{precision} autocast crashes on this {kind} (tried in a child process: its kernels are not "
+                f"supported here); train with precision fp32 (--precision fp32)"
+            )
+
     def _loader(self, dataset: Dataset[Any], shuffle: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         gen = torch.Generator()
         gen.manual_seed(seed)
@@ -367,6 +386,7 @@ class Trainer:
         if self.config.max_tasks is not None:
             n_tasks = min(n_tasks, self.config.max_tasks)
         self.state.planned_steps = sum(self._steps_per_epoch(t) for t in range(n_tasks)) * self.config.epochs
+        self._check_precision()
         self.callbacks.on_run_start(self)
         try:
             for t in range(start_task, n_tasks):
