@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The committed benchmark (benchmarks/RESULTS.md, benchmarks/results/): every registered method plus the CPS
 # ablation on the 100 held-out Tiny-ImageNet classes with the reference ViT-Tiny (64 px, patch 8), on CPU.
-# 5 tasks x 10 classes, 20 training and 20 test images per class, 5 epochs (so DPCT's lambda = 0.4 splits
+# 5 tasks x 10 classes, 30 training and 50 test images per class (all of val/), 5 epochs (so DPCT's lambda = 0.4 splits
 # them exactly 2 + 3), seed 0, one torch thread per child; children run one after another. Run from the
 # repository root on an otherwise idle machine (check `uptime`): times are only clean when nothing else runs.
 # One thread, not two: with other load on this 2-core machine, 2 intra-op threads made a training step ~6x
@@ -15,5 +15,5 @@ exec .venv/bin/edgecl bench \
   --methods cps_prompt,coda_prompt,patchdropout,l2p,dualprompt,hash,dpw,iprompt --ablation cps \
   --data "$SHARED/datasets/tinyimagenet-100-heldout" \
   --weights "$SHARED/weights/vit_tiny_p8_64_tin100.safetensors" --img-size 64 --patch-size 8 \
-  --tasks 5 --num-classes 50 --limit-per-class 20 --test-limit-per-class 20 --epochs 5 \
+  --tasks 5 --num-classes 50 --limit-per-class 30 --test-limit-per-class 50 --epochs 5 \
   --seeds 0 --threads 1 --out "$OUT" "$@"

@@ -1,5 +1,5 @@
 """``python -m edgecl`` runs the CLI."""
 
-from edgecl.cli import main
+from edgecl.cli import run
 
-raise SystemExit(main())
+run()

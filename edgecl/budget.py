@@ -34,6 +34,11 @@ Jetson DRAM. The price is page faults: system CPU time rose from 0.7 s to 9 s ov
 time 14 s, unchanged). Profiles switch it with ``tune_allocator``; untuned, the planner multiplies the
 measured increments by :data:`UNTUNED_FACTOR`. The environment ``MALLOC_MMAP_THRESHOLD_=65536`` does the same.
 
+**Process exit.** torch's C++ static destructors fault ~120 MB of library code pages in while a process
+exits (``import torch, timm``: 751 MB peak, 873 MB at exit), after the work is done but inside the
+lifetime peak that ``time``, cgroups and ``ru_maxrss`` report; the ``edgecl`` command skips them
+(:func:`edgecl.cli.exit_after`).
+
 **Enforcement** (:class:`BudgetGuard`): inside the step, forward hooks on the method's Linear and LayerNorm
 layers compare the current usage with the budget and raise :class:`BudgetExceeded` (a
 ``torch.OutOfMemoryError``), so the trainer's OOM path zeroes the gradients, halves the micro-batch and
@@ -362,6 +367,11 @@ class Plan:
         d = dataclasses.asdict(self)
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
 
+    def _file_note(self) -> str:
+        if self.idle_file_backed_mb is None:
+            return ""
+        return f"; {self.idle_file_backed_mb:.0f} MB of it file-backed"
+
     def render(self) -> str:
         """Human-readable plan."""
         scope = {"rss": "process peak RSS", "cuda": "peak CUDA allocated", "unified": "RSS + CUDA (unified)"}
@@ -374,7 +384,7 @@ class Plan:
             f"{self.batch_size}; reduction rate r {r}; precision {self.precision}; "
             f"eval batch {self.eval_batch_size}",
             f"  idle baseline        {self.idle_baseline_mb:8.1f} MB  (interpreter, libraries, weights "
-            f"{self.weights_mb:.1f} MB, trainable {self.trainable_mb:.1f} MB)",
+            f"{self.weights_mb:.1f} MB, trainable {self.trainable_mb:.1f} MB{self._file_note()})",
             f"  + optimizer state    {self.optimizer_mb:8.1f} MB",
             f"  + saved activations  {self.activations_mb:8.1f} MB  "
             f"({self.activations_per_sample_mb:.2f} MB/sample, counted with saved_tensors_hooks)",

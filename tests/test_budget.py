@@ -360,6 +360,7 @@ def test_plan_training_without_budget_leaves_method_and_rng_untouched() -> None:
     json.dumps(plan.to_dict())
     text = plan.render()
     assert "micro-batch 8 x 1" in text and "idle baseline" in text and "predicted peak" in text
+    assert plan.idle_file_backed_mb is not None and "MB of it file-backed" in text
     config, overrides = TrainConfig(batch_size=8), {}
     apply_plan(plan, config, overrides, method=method)
     assert config.micro_batch_size == 8 and overrides == {"reduction_rate": 0.5}
