@@ -159,6 +159,10 @@ class Trainer:
             return
         if precision == "fp16" and kind != "cuda":
             raise ValueError(f"fp16 autocast needs a CUDA device, got {self.device}; use bf16 or fp32")
+        if kind == "cuda":
+            if precision == "bf16" and not torch.cuda.is_bf16_supported():
+                raise ValueError(f"this GPU ({self.device}) has no bf16; use fp16 or fp32")
+            return
         from edgecl.budget import autocast_works
 
         if not autocast_works(kind, precision):
