@@ -249,6 +249,7 @@ class FakeProber:
     device = torch.device("cpu")
     idle_rss = 1000.0
     idle_cuda = 0.0
+    idle_file_mb: float | None = None
     trainable_bytes = grad_bytes = 2**20
     image_shape = (3, 32, 32)
 
