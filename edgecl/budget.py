@@ -31,8 +31,10 @@ peak creeps up with fragmentation (ViT-Tiny 64 px, batch 16, 30 CPU steps with e
 every tensor >= 64 KiB is its own mapping, returned to the OS when freed: RSS then tracks live tensors
 (+111 MB, +120 MB after 20 steps), the peak is predictable and the memory really goes back to a shared
 Jetson DRAM. The price is page faults: system CPU time rose from 0.7 s to 9 s over those 30 steps (user
-time 14 s, unchanged). Profiles switch it with ``tune_allocator``; untuned, the planner multiplies the
-measured increments by :data:`UNTUNED_FACTOR`. The environment ``MALLOC_MMAP_THRESHOLD_=65536`` does the same.
+time 14 s, unchanged); at 224 px a CPS phase-1 step went from 0.76 s to 0.98 s and a CODA step from
+1.31 s to 1.83 s (benchmarks/PERFORMANCE.md). Profiles switch it with ``tune_allocator``; untuned, the
+planner multiplies the measured increments by :data:`UNTUNED_FACTOR`. The environment
+``MALLOC_MMAP_THRESHOLD_=65536`` does the same.
 
 **Process exit.** torch's C++ static destructors fault ~120 MB of library code pages in while a process
 exits (``import torch, timm``: 751 MB peak, 873 MB at exit), after the work is done but inside the

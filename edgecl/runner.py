@@ -154,6 +154,8 @@ def machine_info() -> dict[str, Any]:
         pass
     import timm
 
+    from edgecl.budget import allocator_description
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -163,6 +165,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "platform": platform.platform(),
+        "allocator": allocator_description(),
     }
 
 

@@ -367,7 +367,9 @@ def render_markdown(
     m = meta.get("machine") or {}
     w(
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, GPU: {m.get('gpu') or 'none'}, "
-        f"torch {m.get('torch')}, timm {m.get('timm')}, Python {m.get('python')}, {m.get('platform')}.  \n"
+        f"torch {m.get('torch')}, timm {m.get('timm')}, Python {m.get('python')}, {m.get('platform')}"
+        + (f"; C allocator: {m['allocator']}" if m.get("allocator") else "")
+        + ".  \n"
     )
     load = meta.get("load_average") or {}
     if load:
