@@ -3,7 +3,7 @@
 I-Prompt selects its prompts inside the one prompted pass; CODA-Prompt (and CPS-Prompt's phase 1) first
 runs a no-grad query pass through the whole ViT. This script measures what that costs per step.
 
-Every (backbone, variant, mode) runs in its own Python process, so ``ru_maxrss`` is that mode's peak:
+Every (backbone, variant, mode) runs in its own Python process, so its ``VmHWM`` is that mode's peak:
 
 * ``train`` -- one optimizer step of the method's first phase, exactly ``Trainer._step`` (forward,
   backward, gradient clip, Adam step): JOINT for I-Prompt / CODA-Prompt, SPARSE (critical patches) for
@@ -12,7 +12,7 @@ Every (backbone, variant, mode) runs in its own Python process, so ``ru_maxrss``
 
 Memory: "idle" is the process RSS once torch, timm, the backbone, the method and the batch are loaded;
 the RSS high-water mark is then reset to it through ``/proc/self/clear_refs`` (Linux) so loading
-transients cannot hide the step's peak; ``peak_above_idle_mb = ru_maxrss - idle``. Time: median of
+transients cannot hide the step's peak; ``peak_above_idle_mb = VmHWM - idle``. Time: median of
 ``--steps`` steps after ``--warmup`` steps, both wall (``s_per_step``) and this process's CPU time
 (``cpu_s_per_step``; with one thread it is the compute time and barely moves when other jobs share the
 cores, while wall time does).
@@ -67,11 +67,11 @@ def rss_bytes() -> int:
 
 
 def maxrss_bytes() -> int:
-    """``ru_maxrss`` in bytes (KiB on Linux, bytes on macOS)."""
-    import resource
+    """This process's RSS high-water mark in bytes (``VmHWM``; not ``ru_maxrss``, which Linux seeds at exec
+    with the parent's mark, so a worker of a larger parent would report the parent)."""
+    from edgecl.budget import MIB, hwm_rss_mb
 
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(value) if sys.platform == "darwin" else int(value) * 1024
+    return int(hwm_rss_mb() * MIB)
 
 
 def reset_peak_rss() -> bool:

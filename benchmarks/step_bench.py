@@ -12,9 +12,9 @@ DualPrompt and every other registered method) and every mode:
   reported per batch and per image (DPCT methods only);
 * ``inference`` -- ``method(x)`` under ``torch.no_grad`` as the trainer's evaluation runs it.
 
-Each (method, mode) runs in a fresh Python process, so ``ru_maxrss`` (which never goes down) is the peak
+Each (method, mode) runs in a fresh Python process, so its RSS high-water mark (``VmHWM``) is the peak
 of that mode alone. "Idle" is the process RSS after torch, timm, the backbone, the method and the input
-batch are loaded; the peak above idle is ``ru_maxrss - idle RSS`` (the high-water mark is reset to the
+batch are loaded; the peak above idle is ``VmHWM - idle RSS`` (the high-water mark is reset to the
 idle RSS through ``/proc/self/clear_refs`` where Linux allows it, so loading transients cannot hide the
 step's peak). Times are the median of ``--steps`` steps after ``--warmup`` steps.
 
@@ -84,15 +84,15 @@ def rss_bytes() -> int:
 
 
 def maxrss_bytes() -> int:
-    """``ru_maxrss`` of this process in bytes (KiB on Linux, bytes on macOS)."""
-    import resource
+    """This process's RSS high-water mark in bytes (``VmHWM``; not ``ru_maxrss``, which Linux seeds at exec
+    with the parent's mark, so a worker of a larger parent would report the parent)."""
+    from edgecl.budget import MIB, hwm_rss_mb
 
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(value) if sys.platform == "darwin" else int(value) * 1024
+    return int(hwm_rss_mb() * MIB)
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (and so ``ru_maxrss``) to the current RSS; False if refused."""
+    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS; False if refused."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -707,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: v for k, v in common.items() if k != "profile_dir"},
         "machine": machine,
         "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "memory_method": "peak_above_idle = ru_maxrss at the end - RSS when idle (torch, timm, backbone, "
+        "memory_method": "peak_above_idle = VmHWM at the end - RSS when idle (torch, timm, backbone, "
         "method, inputs loaded); high-water mark reset to idle via /proc/self/clear_refs when hwm_reset",
         "reference": REFERENCE,
         "results": results,

@@ -83,9 +83,11 @@ __all__ = [
     "Plan",
     "SavedTensorCounter",
     "apply_plan",
+    "hwm_rss_mb",
     "peak_rss_mb",
     "plan_training",
     "reset_peak_rss",
+    "rss_breakdown_mb",
     "rss_mb",
     "tune_allocator",
 ]
@@ -135,8 +137,12 @@ def rss_breakdown_mb() -> dict[str, float]:
     return out
 
 
-def _hwm_mb() -> float:
-    """The kernel's RSS high-water mark (``VmHWM``, reset by :func:`reset_peak_rss`), MB."""
+def hwm_rss_mb() -> float:
+    """The kernel's RSS high-water mark of this process (``VmHWM``, reset by :func:`reset_peak_rss`), MB.
+
+    Not ``getrusage().ru_maxrss`` where /proc exists: Linux seeds that at exec with the parent's
+    high-water mark, so a child of a large process would "measure" its parent.
+    """
     try:
         with open("/proc/self/status", "rb") as fh:
             for line in fh:
@@ -152,7 +158,7 @@ def _hwm_mb() -> float:
 
 def peak_rss_mb() -> float:
     """The process's peak RSS since it started, MB (includes peaks from before :func:`reset_peak_rss`)."""
-    return max(_LIFETIME_PEAK_MB, _hwm_mb())
+    return max(_LIFETIME_PEAK_MB, hwm_rss_mb())
 
 
 def reset_peak_rss() -> bool:
@@ -162,7 +168,7 @@ def reset_peak_rss() -> bool:
     well; read :func:`peak_rss_mb` for the whole-process peak. Returns False where unsupported.
     """
     global _LIFETIME_PEAK_MB
-    _LIFETIME_PEAK_MB = max(_LIFETIME_PEAK_MB, _hwm_mb())
+    _LIFETIME_PEAK_MB = max(_LIFETIME_PEAK_MB, hwm_rss_mb())
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -496,7 +502,7 @@ class _Prober:
         return reset_peak_rss()
 
     def _deltas(self, reset_ok: bool, sampled: float) -> dict[str, float]:
-        peak = max(_hwm_mb() if reset_ok else 0.0, sampled, rss_mb())
+        peak = max(hwm_rss_mb() if reset_ok else 0.0, sampled, rss_mb())
         out = {"rss": peak - self.idle_rss - (0.0 if self.cuda else self.own_bytes / MIB)}
         if self.cuda:
             torch.cuda.synchronize(self.device)
