@@ -235,5 +235,11 @@ def test_missing_file_and_unknown_name(tmp_path) -> None:  # type: ignore[no-unt
 
 def test_offline_pretrained_gives_weights_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:  # huggingface_hub reads the variable once at import; set its constant too (no network wait)
+        import huggingface_hub.constants as hf_constants
+
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass
     with pytest.raises(RuntimeError, match="weights=PATH"):
         load_backbone("vit_tiny_patch16_224", pretrained=True)
