@@ -254,11 +254,11 @@ SPIKE_BETWEEN_SAMPLES = textwrap.dedent(
     """
     import json
     from edgecl.telemetry import Meter, PsutilBackend, Sampler
-    from edgecl.telemetry.meter import ru_maxrss_mb
+    own_hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024.0
     backend = PsutilBackend()
     sampler = Sampler([backend], period_s=60.0)  # the thread never samples inside the region
     start = backend.read()["rss_mb"]
-    size_mb = max(200, int(ru_maxrss_mb() - start) + 200)  # must set a new high-water mark
+    size_mb = max(200, int(own_hwm - start) + 200)  # must set a new mark of this process's own
     with Meter(sampler, "spike") as meter:
         block = bytearray(size_mb * 2**20)
         block[::4096] = b"\\x01" * len(range(0, len(block), 4096))
@@ -268,16 +268,22 @@ SPIKE_BETWEEN_SAMPLES = textwrap.dedent(
                       "samples": res.samples, "size_mb": size_mb}))
     """
 )
-# Linux carries the parent's RSS high-water mark across fork+exec into the child's ru_maxrss; a grandchild
-# started from a small intermediate process starts from a small mark, whatever pytest's own RSS is.
+# Linux carries the parent's RSS high-water mark across fork+exec into a child's ru_maxrss (not into its
+# VmHWM): the big parent holds 600 MB touched, more than the child's spike, when the child starts.
 VIA_SMALL_PARENT = (
     "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
 )
+VIA_BIG_PARENT = (
+    "import subprocess, sys\nblock = bytearray(600 * 2**20)\n"
+    "block[::4096] = b'\\x01' * (len(block) // 4096)\n"
+    "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+)
 
 
-def test_ru_maxrss_catches_a_spike_the_sampler_missed() -> None:
+@pytest.mark.parametrize("parent", [VIA_SMALL_PARENT, VIA_BIG_PARENT], ids=["small-parent", "big-parent"])
+def test_high_water_mark_catches_a_spike_the_sampler_missed(parent: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", VIA_SMALL_PARENT, SPIKE_BETWEEN_SAMPLES],
+        [sys.executable, "-c", parent, SPIKE_BETWEEN_SAMPLES],
         capture_output=True,
         text=True,
         env=_child_env(),

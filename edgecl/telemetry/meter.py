@@ -28,11 +28,22 @@ try:
 except ImportError:  # pragma: no cover - not on Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["Meter", "MeterResult", "ru_maxrss_mb"]
+__all__ = ["Meter", "MeterResult", "rss_hwm_mb"]
 
 
-def ru_maxrss_mb() -> float | None:
-    """This process's RSS high-water mark in MiB (``getrusage``: KiB on Linux, bytes on macOS)."""
+def rss_hwm_mb() -> float | None:
+    """This process's own RSS high-water mark in MiB: ``VmHWM`` on Linux, else ``getrusage().ru_maxrss``.
+
+    ``VmHWM`` belongs to the process's address space; ``ru_maxrss`` is seeded at exec with the parent's mark
+    on Linux, so in a child of a larger process it would not rise and spikes would go unseen.
+    """
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     if resource is None:
         return None
     peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -76,12 +87,12 @@ class MeterResult:
 class Meter:
     """Context manager measuring one region on ``sampler`` (started here if it is not running).
 
-    Peak RSS is the maximum of the sampled RSS and, for this process, ``getrusage().ru_maxrss``: the latter is
-    the process's all-time high-water mark, so if it rose during the region the new mark was set inside the
-    region and is exactly the region's peak. That catches spikes shorter than the sampling period. (Linux
-    carries a parent's high-water mark across fork+exec, so in a child of a large process the mark may not
-    rise at all: then only the sampled peak is used, never a wrong one.) On CPU this is the peak of a whole
-    process: it is the method's peak only when the process does nothing else.
+    Peak RSS is the maximum of the sampled RSS and, for this process, its RSS high-water mark
+    (:func:`rss_hwm_mb`): if the mark rose during the region it was set inside the region and is exactly
+    the region's peak, which catches spikes shorter than the sampling period. (A mark reset inside the
+    region, as the memory planner does, can only make it not rise: then the sampled peak is used, never a
+    wrong one.) On CPU this is the peak of a whole process: it is the method's peak only when the process
+    does nothing else.
     With ``idle_seconds > 0`` the meter first samples that long doing nothing to get the idle power; a
     ``baseline`` meter's idle power is reused instead (measure idle once, use it for every region).
     """
@@ -127,7 +138,7 @@ class Meter:
         elif self.idle_seconds > 0:
             self.idle_power_w, self.idle_reason = self._measure_idle()
         self._result = None
-        self._rss_hwm0 = ru_maxrss_mb()
+        self._rss_hwm0 = rss_hwm_mb()
         self._cpu0 = time.process_time()
         self._rid = self.sampler.open_region()
         return self
@@ -150,7 +161,7 @@ class Meter:
         rid, self._rid = self._rid, None
         stats = self.sampler.close_region(rid)
         cpu_s = time.process_time() - self._cpu0
-        hwm = ru_maxrss_mb()
+        hwm = rss_hwm_mb()
         if self._owns_sampler:
             self.sampler.stop()
             self._owns_sampler = False
