@@ -441,7 +441,8 @@ def test_full_flow_upload_train_predict(server_factory: Any, tmp_path: Path) -> 
         job = client.get(f"/v1/jobs/{job_id}").json()
         statuses.add(job["status"])
         if job["status"] == "running":
-            assert job["task_id"] in ids and job["epochs"] == 2 and 0 <= job["progress"] <= 100
+            # task_id is null while the job sets up (backbone, stream) before its first task starts
+            assert job["task_id"] in [*ids, None] and job["epochs"] == 2 and 0 <= job["progress"] <= 100
         p = client.post("/v1/predict", files={"file": ("q.jpg", query)})
         assert p.status_code in (200, 409), p.text
         if p.status_code == 200:
