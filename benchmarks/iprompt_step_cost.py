@@ -56,14 +56,10 @@ MB = 1024.0 * 1024.0
 
 
 def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil
+    """Current resident set size of this process (``edgecl.budget.rss_mb``), bytes."""
+    from edgecl.budget import MIB, rss_mb
 
-        return int(psutil.Process().memory_info().rss)
+    return int(rss_mb() * MIB)
 
 
 def maxrss_bytes() -> int:
@@ -75,13 +71,10 @@ def maxrss_bytes() -> int:
 
 
 def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux ``clear_refs``); False when refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
+    """Reset the kernel's RSS high-water mark to the current RSS (``edgecl.budget.reset_peak_rss``)."""
+    from edgecl.budget import reset_peak_rss as reset
+
+    return reset()
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:

@@ -141,19 +141,13 @@ def hwm_rss_mb() -> float:
     """The kernel's RSS high-water mark of this process (``VmHWM``, reset by :func:`reset_peak_rss`), MB.
 
     Not ``getrusage().ru_maxrss`` where /proc exists: Linux seeds that at exec with the parent's
-    high-water mark, so a child of a large process would "measure" its parent.
+    high-water mark, so a child of a large process would "measure" its parent. One reader for the whole
+    package: :func:`edgecl.telemetry.meter.rss_hwm_mb` (torch-free, shared with the telemetry meter).
     """
-    try:
-        with open("/proc/self/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
+    from edgecl.telemetry.meter import rss_hwm_mb
 
-    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return peak / MIB if sys.platform == "darwin" else peak / 1024.0
+    peak = rss_hwm_mb()
+    return 0.0 if peak is None else peak
 
 
 def peak_rss_mb() -> float:
