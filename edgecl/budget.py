@@ -83,6 +83,7 @@ __all__ = [
     "Plan",
     "SavedTensorCounter",
     "apply_plan",
+    "autocast_problem",
     "hwm_rss_mb",
     "peak_rss_mb",
     "plan_training",
@@ -592,7 +593,7 @@ def _precisions(start: str, allow_autocast: bool, device: torch.device) -> list[
     """Precisions to try, in order: the configured one, then autocast ones the device supports."""
     first = "fp32" if start == "auto" else start
     if first == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs a CUDA device; use bf16 or fp32 on cpu")
+        raise ValueError(autocast_problem(device, "fp16"))
     out = [first]
     if allow_autocast or start == "auto":
         if device.type == "cuda":
@@ -639,6 +640,28 @@ def autocast_works(device_type: str, precision: str) -> bool:
         except (OSError, subprocess.TimeoutExpired):
             _AUTOCAST_OK[key] = False
     return _AUTOCAST_OK[key]
+
+
+def autocast_problem(device: torch.device, precision: str) -> str | None:
+    """Why ``precision`` cannot train on ``device`` (a message that says what to use), or None if it can.
+
+    fp16 autocast is CUDA-only here; a GPU must support bf16 for bf16; on a CPU the autocast is tried once
+    in a child process (:func:`autocast_works`), since a crash there is a SIGILL no ``try`` catches.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        return f"fp16 autocast needs a CUDA device, got {device}; use bf16 or fp32"
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return f"this GPU ({device}) has no bf16; use fp16 or fp32"
+        return None
+    if not autocast_works(device.type, precision):
+        return (
+            f"{precision} autocast crashes on this {device.type} (tried in a child process: its kernels are "
+            f"not supported here); train with precision fp32 (--precision fp32)"
+        )
+    return None
 
 
 def _balanced(batch: int, micro: int) -> int:

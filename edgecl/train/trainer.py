@@ -151,25 +151,16 @@ class Trainer:
     def _check_precision(self) -> None:
         """Refuse an autocast precision this device cannot run, before any work is done.
 
-        fp16 autocast is CUDA-only here; CPU bf16 is tried once in a child process because oneDNN's bf16
-        kernels kill the whole process with SIGILL on CPUs that advertise but do not enable AVX512-BF16/AMX.
+        The reasons live in :func:`edgecl.budget.autocast_problem` (shared with the memory planner): fp16 is
+        CUDA-only, and CPU bf16 kernels can kill the whole process with SIGILL, so they are tried in a child.
         """
-        precision, kind = self.config.precision, self.device.type
-        if precision == "fp32":
+        if self.config.precision == "fp32":
             return
-        if precision == "fp16" and kind != "cuda":
-            raise ValueError(f"fp16 autocast needs a CUDA device, got {self.device}; use bf16 or fp32")
-        if kind == "cuda":
-            if precision == "bf16" and not torch.cuda.is_bf16_supported():
-                raise ValueError(f"this GPU ({self.device}) has no bf16; use fp16 or fp32")
-            return
-        from edgecl.budget import autocast_works
+        from edgecl.budget import autocast_problem
 
-        if not autocast_works(kind, precision):
-            raise ValueError(
-                f"{precision} autocast crashes on this {kind} (tried in a child process: its kernels are not "
-                f"supported here); train with precision fp32 (--precision fp32)"
-            )
+        problem = autocast_problem(self.device, self.config.precision)
+        if problem:
+            raise ValueError(problem)
 
     def _loader(self, dataset: Dataset[Any], shuffle: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         gen = torch.Generator()
