@@ -197,6 +197,10 @@ class ServeContext:
         labels_raw = form.get("labels")
         labels_text = labels_raw if isinstance(labels_raw, str) else None
         limits = self.settings.limits
+        known = None
+        if not self.settings.allow_known_classes:  # refused before any image is decoded
+            with self.store.connect() as conn:
+                known = {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, task_id FROM task_classes")}
         staging = self.store.new_staging_dir()
         try:
             kind = "image"
@@ -207,16 +211,19 @@ class ServeContext:
             if kind != "image":
                 if labels_text:
                     raise UploadRejected("'labels' is for image uploads; an archive's folders are its labels")
-                ingested = ingest_archive(uploads[0].file, staging, limits, eval_fraction, kind=kind)
+                ingested = ingest_archive(
+                    uploads[0].file, staging, limits, eval_fraction, kind=kind, known_classes=known
+                )
             else:
                 names = [safe_display_name(u.filename) for u in uploads]
-                labels = parse_labels(labels_text, names, limits.max_label_length)
+                labels = parse_labels(labels_text, names, limits.max_label_length, limits.max_labels_bytes)
                 ingested = ingest_images(
                     [(n, u.file) for n, u in zip(names, uploads, strict=True)],
                     labels,
                     staging,
                     limits,
                     eval_fraction,
+                    known_classes=known,
                 )
             if not name:
                 name = safe_display_name(uploads[0].filename).split(".")[0] if singles else "task"
@@ -661,7 +668,9 @@ async def upload_task(request: Request) -> JSONResponse:
     seconds = time.perf_counter() - t0
     ctx.counters.upload(True, task.num_images, seconds)
     body = await anyio.to_thread.run_sync(ctx.task_view, task)
-    body.update(auto_job_id=job_id, warnings=ingested.warnings, seconds=round(seconds, 3))
+    body.update(
+        auto_job_id=job_id, warnings=ingested.warnings, **ingested.report(), seconds=round(seconds, 3)
+    )
     log.info(
         "task %s stored: %d images, classes %s (%.2f s)", task.id, task.num_images, task.classes, seconds
     )

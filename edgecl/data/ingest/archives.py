@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from edgecl.data.ingest.base import IngestLimits, UploadRejected, printable
 
@@ -258,7 +258,7 @@ class ZipReader:
                 name = info.orig_filename
             if stat.S_ISLNK(mode):
                 kind = "symlink"
-            elif info.is_dir():
+            elif info.filename.endswith("/"):  # ZipInfo.is_dir() fails on an empty name
                 kind = "dir"
             elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 kind = "special"
@@ -363,6 +363,57 @@ class _Forward(io.RawIOBase):
         return out
 
 
+class _Strict(io.RawIOBase):
+    """A bzip2 or xz stream (several concatenated streams too) that must end cleanly: ``BZ2File`` and
+    ``LZMAFile`` silently ignore anything after the last stream; here non-zero trailing bytes are an error."""
+
+    def __init__(self, fp: IO[bytes], factory: Callable[[], Any], magic: bytes) -> None:
+        self.fp = fp
+        self.factory = factory
+        self.magic = magic
+        self.dec = factory()
+        self.pending = b""  # compressed bytes read but not yet fed
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_stream(self) -> bool:
+        """After a stream's end: start the next one, or return False at a clean end of input."""
+        rest = self.dec.unused_data + self.pending
+        self.pending = b""
+        while True:
+            if len(rest) < len(self.magic):
+                more = self.fp.read(CHUNK)
+                if more:
+                    rest += more
+                    continue
+            if rest.startswith(self.magic):
+                self.dec = self.factory()
+                self.pending = rest
+                return True
+            if rest.strip(b"\x00"):
+                raise OSError("data after the end of the compressed stream")
+            rest = self.fp.read(CHUNK)
+            if not rest:
+                return False
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        n = CHUNK if n is None or n < 0 else n
+        while True:
+            if self.dec.eof and not self._next_stream():
+                return b""
+            if self.dec.needs_input:
+                data = self.pending or self.fp.read(CHUNK)
+                self.pending = b""
+                if not data:
+                    raise EOFError("the compressed stream ended before its end-of-stream marker")
+                out = self.dec.decompress(data, n)
+            else:
+                out = self.dec.decompress(b"", n)
+            if out:
+                return bytes(out)
+
+
 class TarReader:
     """A plain, gzip, bzip2 or xz tar, decompressed here and read to its end (see :meth:`finish`)."""
 
@@ -374,9 +425,9 @@ class TarReader:
         if head.startswith(b"\x1f\x8b"):
             raw = gzip.GzipFile(fileobj=fileobj, mode="rb")
         elif head.startswith(b"BZh"):
-            raw = bz2.BZ2File(fileobj)
+            raw = _Strict(fileobj, bz2.BZ2Decompressor, b"BZh")
         elif head.startswith(b"\xfd7zXZ\x00"):
-            raw = lzma.LZMAFile(fileobj)  # noqa: SIM115 - closed with the upload
+            raw = _Strict(fileobj, lzma.LZMADecompressor, b"\xfd7zXZ\x00")
         else:
             raw = fileobj
         self.budget = ReadBudget(limits, fileobj if raw is not fileobj else None)

@@ -11,7 +11,7 @@ import io
 import struct
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ALLOWED_FORMATS", "DecodedImage", "ImageHeader", "decode_image", "probe_image"]
 
@@ -75,6 +75,8 @@ def _refused_format(data: bytes, err: BaseException) -> str:
     if accepted is None and len(data) > 2 and data[:1] == b"P" and data[1:2] in b"123456":
         accepted = "PPM"
     if accepted:
+        if isinstance(err, UnidentifiedImageError):
+            return f"corrupt {accepted} image: its header cannot be read"
         return f"corrupt or truncated {accepted} image: {type(err).__name__}: {err}"
     if data[4:8] == b"ftyp":
         return "unsupported image format HEIF/AVIF (use JPEG, PNG, BMP, WebP, PPM or TIFF)"

@@ -136,8 +136,9 @@ class _Stage:
             return []
         return parts
 
-    def take(self, member: str, parts: list[str], fh: IO[bytes]) -> None:
-        """Read one image's bytes (bounded), hash and probe them, and keep them in ``incoming/``."""
+    def take(self, member: str, parts: list[str], fh: IO[bytes], declared: int | None = None) -> None:
+        """Read one image's bytes (bounded), hash and probe them, and keep them in ``incoming/``;
+        ``declared`` is the size the archive lists for the member."""
         if len(self.entries) >= self.limits.max_images:
             raise UploadRejected(
                 f"more than {self.limits.max_images} images in one task (limit --max-images-per-task)",
@@ -152,6 +153,9 @@ class _Stage:
             )
         if self.problems:
             self.listed_bytes += len(data)
+        if declared is not None and len(data) != declared:
+            self.problem(member, f"holds {len(data)} bytes but the archive lists {declared}: damaged archive")
+            return
         try:
             header = probe_image(data, self.limits.max_image_pixels)
         except ValueError as err:
@@ -198,9 +202,11 @@ def _read_all(fh: IO[bytes], limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _drain(fh: IO[bytes]) -> None:
-    while fh.read(CHUNK):
-        pass
+def _drain(fh: IO[bytes]) -> int:
+    n = 0
+    while chunk := fh.read(CHUNK):
+        n += len(chunk)
+    return n
 
 
 def _read_member(stage: _Stage, m: Member, parts: list[str]) -> None:
@@ -209,9 +215,9 @@ def _read_member(stage: _Stage, m: Member, parts: list[str]) -> None:
     try:
         with m.opener() as fh:
             if parts:
-                stage.take(m.name, parts, fh)
-            else:
-                _drain(fh)
+                stage.take(m.name, parts, fh, m.size)
+            elif _drain(fh) != m.size:
+                stage.problem(m.name, f"does not hold the {m.size} bytes the archive lists: damaged archive")
     except UploadRejected:
         raise
     except ARCHIVE_ERRORS as err:
