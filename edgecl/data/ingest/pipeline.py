@@ -25,18 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from edgecl.data.ingest.archives import (
-    ARCHIVE_ERRORS,
-    CHUNK,
-    Member,
-    TarReader,
-    ZipReader,
-    describe,
-    detect_kind,
-)
+from edgecl.data.ingest.archives import ARCHIVE_ERRORS, CHUNK, Member, describe, detect_kind
 from edgecl.data.ingest.base import Duplicate, IngestedTask, IngestLimits, Problem, UploadRejected, printable
 from edgecl.data.ingest.images import ImageHeader, decode_image, probe_image
 from edgecl.data.ingest.labels import check_known, check_label_set, validate_label
+from edgecl.data.ingest.tars import TarReader
+from edgecl.data.ingest.zips import ZipReader
 
 __all__ = ["ingest_archive", "ingest_images"]
 
