@@ -137,6 +137,8 @@ def hostile_cases(work: Path) -> list[dict[str, Any]]:
     cases.append(
         ("known classes, 60 x 4096x4096 PNGs", "known.zip", build_zip(entries_of(known, method=0)), {})
     )
+    control = {f"ok{i % 10}/{i}.jpg": image(c, 128, "JPEG") for i, c in enumerate(palette(2000)[400:1400])}
+    cases.append(("control: a valid zip of 1000 JPEGs, 128 px", "ok.zip", build_zip(entries_of(control)), {}))
     out = []
     for title, filename, data, fields in cases:
         path = work / filename
