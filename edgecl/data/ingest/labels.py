@@ -208,7 +208,7 @@ def parse_labels(
             problems.append(Problem(name, str(err)))
     if problems:
         raise UploadRejected("invalid class names in 'labels'", problems)
-    first = {}
+    first: dict[str, str] = {}
     for name, label in zip(filenames, out, strict=True):
         first.setdefault(label, name)
     problems = check_label_set(first)

@@ -10,7 +10,7 @@ import io
 import lzma
 import tarfile
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from edgecl.data.ingest.archives import ARCHIVE_ERRORS, CHUNK, Member, ReadBudget, describe, too_big
 from edgecl.data.ingest.base import IngestLimits, UploadRejected
@@ -136,11 +136,11 @@ class TarReader:
         fileobj.seek(0)
         raw: IO[bytes]
         if head.startswith(b"\x1f\x8b"):
-            raw = gzip.GzipFile(fileobj=fileobj, mode="rb")
+            raw = cast(IO[bytes], gzip.GzipFile(fileobj=fileobj, mode="rb"))
         elif head.startswith(b"BZh"):
-            raw = _Strict(fileobj, bz2.BZ2Decompressor, b"BZh")
+            raw = cast(IO[bytes], _Strict(fileobj, bz2.BZ2Decompressor, b"BZh"))
         elif head.startswith(b"\xfd7zXZ\x00"):
-            raw = _Strict(fileobj, lzma.LZMADecompressor, b"\xfd7zXZ\x00")
+            raw = cast(IO[bytes], _Strict(fileobj, lzma.LZMADecompressor, b"\xfd7zXZ\x00"))
         else:
             raw = fileobj
         self.budget = ReadBudget(limits, fileobj if raw is not fileobj else None)

@@ -10,7 +10,7 @@ import stat
 import struct
 import zipfile
 from collections.abc import Callable
-from typing import IO
+from typing import IO, cast
 
 from edgecl.data.ingest.archives import ARCHIVE_ERRORS, CHUNK, Member, ReadBudget, describe, too_big
 from edgecl.data.ingest.base import IngestLimits, UploadRejected, printable
@@ -171,7 +171,7 @@ class ZipReader:
             elif kind == "file" and info.flag_bits & 0x1:
                 problem = "encrypted member (password-protected archives are not supported)"
             elif kind == "file" and info.compress_type not in _ZIP_METHODS:
-                method = zipfile.compressor_names.get(info.compress_type, "unknown")
+                method = getattr(zipfile, "compressor_names", {}).get(info.compress_type, "unknown")
                 problem = (
                     f"compression method {info.compress_type} ({method}) is not supported: re-create the "
                     "archive with deflate (zip -Z deflate, or any standard zip tool)"
@@ -180,7 +180,7 @@ class ZipReader:
         return out
 
     def _opener(self, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
-        return lambda: _Counted(self.zf.open(info), self.budget)
+        return lambda: cast(IO[bytes], _Counted(self.zf.open(info), self.budget))
 
     def finish(self) -> None:
         """Nothing left to check: every member was read (CRC-checked) by the caller."""
