@@ -151,10 +151,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import timm  # noqa: F401  (part of "idle": torch, timm and the model loaded)
 
     tuned = False
-    if spec.get("tune_allocator"):
-        from edgecl.budget import tune_allocator
+    allocator = spec.get("allocator") or ("mmap" if spec.get("tune_allocator") else None)
+    if allocator:
+        from edgecl.budget.allocator import setup_allocator
 
-        tuned = tune_allocator()  # what profiles with tune_allocator: true do (fixed glibc mmap threshold)
+        tuned = setup_allocator(allocator)  # as budgeted training does (edgecl.budget.allocator)
 
     from edgecl.backbone import load_backbone
     from edgecl.data import synthetic_stream
@@ -196,6 +197,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "mode": mode,
         "pid": os.getpid(),
         "allocator_tuned": tuned,
+        "allocator": allocator or "default",
     }
 
     fn: Callable[[], object]
@@ -268,6 +270,16 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES + EXTRA_MODES}")
 
+    if allocator and mode not in ("cache_build", "inference"):
+        from edgecl.budget.allocator import at_step_boundary
+
+        step_fn = fn
+
+        def fn() -> object:  # what the budget guard does after every training step
+            out = step_fn()
+            at_step_boundary()
+            return out
+
     gc.collect()
     idle = rss_bytes()
     maxrss_at_idle = maxrss_bytes()
@@ -290,6 +302,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "idle_rss_mb": idle / MB,
             "peak_rss_mb": peak / MB,
             "peak_above_idle_mb": max(peak - idle, 0) / MB,
+            "rss_end_above_idle_mb": (rss_bytes() - idle) / MB,
             "maxrss_before_reset_mb": maxrss_at_idle / MB,
             "hwm_reset": hwm_reset,
             "input_batch_mb": x.numel() * x.element_size() / MB,
@@ -337,10 +350,11 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from edgecl.methods import create_method
     from edgecl.train import Callback, TrainConfig, Trainer
 
-    if spec.get("tune_allocator"):
-        from edgecl.budget import tune_allocator
+    allocator = spec.get("allocator") or ("mmap" if spec.get("tune_allocator") else None)
+    if allocator:
+        from edgecl.budget.allocator import setup_allocator
 
-        tune_allocator()
+        setup_allocator(allocator)
 
     torch.manual_seed(spec.get("seed", 0))
     vit = load_backbone(
@@ -381,6 +395,12 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         def on_train_end(self, trainer: Trainer, task: int) -> None:
             self.t1, self.c1 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, trainer: Trainer, task: int, epoch: int, step: int, loss: float) -> None:
+            if allocator:  # the budget guard's step-boundary work
+                from edgecl.budget.allocator import at_step_boundary
+
+                at_step_boundary()
 
     timer = Timer()
     cfg = TrainConfig(
@@ -559,7 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--tune-allocator",
         action="store_true",
-        help="fix glibc's mmap threshold first (edgecl.budget.tune_allocator, as profiles do by default)",
+        help="the old budgeted setting: glibc's mmap threshold fixed at 64 KiB (= --allocator mmap)",
+    )
+    ap.add_argument(
+        "--allocator",
+        default=None,
+        metavar="MODE",
+        help="set glibc up as budgeted training does: trim (its default), mmap or default, optionally "
+        "NAME:KIB (edgecl.budget.allocator); training modes then do the step-boundary work too",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -625,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache_batch": args.cache_batch,
         "micro_batch": args.micro_batch,
         "tune_allocator": args.tune_allocator,
+        "allocator": args.allocator,
         "threads": args.threads,
         "precision": args.precision,
         "steps": args.steps,

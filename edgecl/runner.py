@@ -154,7 +154,7 @@ def machine_info() -> dict[str, Any]:
         pass
     import timm
 
-    from edgecl.budget import allocator_description
+    from edgecl.budget.allocator import allocator_description
 
     return {
         "cpu": cpu,
@@ -194,10 +194,12 @@ def run_training(spec: RunSpec, extra_callbacks: list[Callback] | None = None) -
     callbacks = default_callbacks(spec) + list(extra_callbacks or [])
     plan = None
     if spec.memory_budget_mb is not None:
-        from edgecl.budget import BudgetGuard, apply_plan, plan_training
+        from edgecl.budget import BudgetGuard, Planner
+        from edgecl.profiles import load_profile
 
-        plan = plan_training(method, stream, config, budget_mb=spec.memory_budget_mb, profile=spec.profile)
-        apply_plan(plan, method, config)
+        profile = load_profile(spec.profile, check_method=False) if spec.profile else None
+        plan = Planner(method, config, profile, stream=stream, budget_mb=spec.memory_budget_mb).plan()
+        plan.apply(config, method)
         print(plan.render())
         callbacks.append(BudgetGuard(plan))  # the plan carries the memory scope (RSS, CUDA, unified)
     trainer = Trainer(method, stream, config, callbacks)

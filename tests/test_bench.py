@@ -152,8 +152,8 @@ def test_tail_lines_strips_ansi_and_redraws() -> None:
 def test_build_specs_routes_method_options() -> None:
     import argparse
 
-    from edgecl.bench.worker import build_specs
     from edgecl.commands.bench import register
+    from edgecl.commands.bench_specs import build_specs
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

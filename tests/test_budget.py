@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 import torch
 
-import edgecl.budget as budget_module
+import edgecl.precision as precision_module
 from edgecl.budget import (
     HEADROOM_MIN_MB,
     BudgetError,
     BudgetExceeded,
     BudgetGuard,
     Plan,
+    Planner,
     SavedTensorCounter,
-    _Planner,
-    apply_plan,
-    plan_training,
 )
+from edgecl.budget.search import Search
 from edgecl.methods import Method, Phase
+from edgecl.profiles import Profile, load_profile
 from edgecl.train import Callback, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,9 +213,9 @@ def test_saved_tensor_counter_counts_each_storage_once_and_skips_parameters() ->
 SAVED_CHILD = TINY + textwrap.dedent(
     """
     import gc, json
-    from edgecl.budget import SavedTensorCounter, rss_mb, tune_allocator
+    from edgecl.budget import SavedTensorCounter, at_step_boundary, rss_mb, setup_allocator
     from edgecl.methods import Phase, TaskInfo
-    tune_allocator()
+    setup_allocator("mmap")  # every tensor its own mapping: RSS == live tensors at every moment
     torch.set_num_threads(1)
     method = tiny_method("cps_prompt", sampling="topk")
     method.begin_task(TaskInfo(1, [2, 3], 2))
@@ -224,6 +224,7 @@ SAVED_CHILD = TINY + textwrap.dedent(
     method.training_loss(x, y, Phase.SPARSE).backward()  # warm the runtime up
     method.zero_grad(set_to_none=True)
     gc.collect()
+    at_step_boundary()  # what the budget guard does after every step
     before = rss_mb()
     static = [*method.parameters(), *method.buffers(), x, y]
     with SavedTensorCounter(exclude=static, sample_rss=False) as counter:
@@ -274,9 +275,9 @@ class FakeProber:
 
 def _fake_plan(budget: float | None, precisions: list[str], rates: list[float | None], **kw: Any) -> Plan:
     key = ("cpu", "bf16")
-    saved = budget_module._AUTOCAST_OK.pop(key, None)
-    budget_module._AUTOCAST_OK[key] = kw.pop("bf16_works", True)  # the fake prober runs no bf16
-    planner = _Planner(
+    saved = precision_module._AUTOCAST_OK.pop(key, None)
+    precision_module._AUTOCAST_OK[key] = kw.pop("bf16_works", True)  # the fake prober runs no bf16
+    planner = Search(
         tiny_method("cps_prompt", depth=2, patch=8),
         FakeProber(),
         "rss",
@@ -291,9 +292,9 @@ def _fake_plan(budget: float | None, precisions: list[str], rates: list[float | 
     try:
         return planner.plan(precisions, rates)
     finally:
-        budget_module._AUTOCAST_OK.pop(key)
+        precision_module._AUTOCAST_OK.pop(key)
         if saved is not None:
-            budget_module._AUTOCAST_OK[key] = saved
+            precision_module._AUTOCAST_OK[key] = saved
 
 
 def test_planner_prefers_micro_batch_then_reduction_rate_then_precision() -> None:
@@ -344,13 +345,13 @@ def test_planner_lowers_the_eval_batch_when_evaluation_is_the_peak() -> None:
 
 
 # ---- the real planner in this process ---------------------------------------------------------------------
-def test_plan_training_without_budget_leaves_method_and_rng_untouched() -> None:
+def test_planner_without_budget_leaves_method_and_rng_untouched() -> None:
     method = tiny_method("cps_prompt", depth=2, patch=8)
     state = {k: v.clone() for k, v in method.state_dict().items()}
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    plan = plan_training(method, None, batch_size=8, num_classes=4, eval_batch_size=8)
+    plan = Planner(method, TrainConfig(batch_size=8, eval_batch_size=8), num_classes=4).plan()
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in state.items())
     assert method.task is None
@@ -362,26 +363,28 @@ def test_plan_training_without_budget_leaves_method_and_rng_untouched() -> None:
     text = plan.render()
     assert "micro-batch 8 x 1" in text and "idle baseline" in text and "predicted peak" in text
     assert plan.idle_file_backed_mb is not None and "MB of it file-backed" in text
-    config, overrides = TrainConfig(batch_size=8), {}
-    apply_plan(plan, config, overrides, method=method)
-    assert config.micro_batch_size == 8 and overrides == {"reduction_rate": 0.5}
+    config = TrainConfig(batch_size=8)
+    plan.apply(config, method)
+    assert config.micro_batch_size == 8 and method.cfg.reduction_rate == 0.5
     with pytest.raises(ValueError, match="batch 8"):
-        apply_plan(plan, TrainConfig(batch_size=16))
+        plan.apply(TrainConfig(batch_size=16), method)
+    with pytest.raises(ValueError, match="for method 'cps_prompt'"):
+        plan.apply(TrainConfig(batch_size=8), tiny_method("coda_prompt", depth=2, patch=8))
 
 
-def test_plan_training_takes_stream_and_train_config_and_apply_plan_any_order() -> None:
-    """The runner's call: ``plan_training(method, stream, config, budget_mb=...)``, ``apply_plan(plan, method,
-    config)``; settings come from the config, the head size from the stream."""
+def test_planner_takes_config_profile_and_stream_and_the_plan_applies() -> None:
+    """The runner's and the daemon's call: ``Planner(method, config, profile, stream=...)``, then
+    ``plan.apply(config, method)``; sizes come from the config, the head size from the stream."""
     method, stream = tiny_method("cps_prompt", depth=2, patch=8), tiny_stream(per_class=4)
     config = TrainConfig(batch_size=4, eval_batch_size=4)
-    plan = plan_training(method, stream, config, budget_mb=1e6, profile="cpu", verify=False)
+    plan = Planner(method, config, load_profile("cpu"), stream=stream, budget_mb=1e6, verify=False).plan()
     assert plan.batch_size == 4 and plan.budget_mb == 1e6 and plan.eval_batch_size == 4
     assert plan.verified_peak_mb is None
     plan.reduction_rate, plan.micro_batch_size = 0.6, 2
-    apply_plan(plan, method, config)
+    plan.apply(config, method)
     assert method.cfg.reduction_rate == 0.6 and config.micro_batch_size == 2
-    with pytest.raises(TypeError):
-        apply_plan(plan, "config")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="memory budget must be > 0 MB"):
+        Planner(method, config, Profile(memory_budget_mb=-1.0))
 
 
 def test_plan_command_prints_the_plan_and_refuses_with_the_minimum(
@@ -402,7 +405,8 @@ def test_plan_command_prints_the_plan_and_refuses_with_the_minimum(
 TRAIN_CHILD = TINY + textwrap.dedent(
     """
     import json, sys
-    from edgecl.budget import BudgetError, BudgetGuard, apply_plan, peak_rss_mb, plan_training, rss_mb
+    from edgecl.budget import BudgetError, BudgetGuard, Planner, peak_rss_mb, rss_mb
+    from edgecl.profiles import Profile
     from edgecl.train import TrainConfig, Trainer
     torch.set_num_threads(1)
     # peak_rss_mb() reads this process's VmHWM (and keeps it across the planner's resets); not ru_maxrss,
@@ -413,13 +417,13 @@ TRAIN_CHILD = TINY + textwrap.dedent(
     budget = None if sys.argv[1] == "none" else anchor + float(sys.argv[1])
     config = TrainConfig(epochs=2, batch_size=32, eval_batch_size=8, seed=0)
     before_plan = peak_rss_mb()  # imports, model and data: part of the whole-process peak
+    profile = Profile(memory_budget_mb=budget, max_reduction_rate=0.5, allow_autocast=False)
     try:
-        plan = plan_training(method, budget, batch_size=32, eval_batch_size=8, stream=stream,
-                             max_reduction_rate=0.5, allow_autocast=False)
+        plan = Planner(method, config, profile, stream=stream).plan()
     except BudgetError as err:
         print(json.dumps({"error": str(err), "minimum_mb": err.minimum_mb, "budget_mb": budget}))
         sys.exit(0)
-    apply_plan(plan, config, method=method)
+    plan.apply(config, method)
     guard = [BudgetGuard(plan)] if budget is not None else []
     results = Trainer(method, stream, config, guard).fit()
     measured = max(before_plan, peak_rss_mb())
@@ -491,7 +495,7 @@ def test_trainer_refuses_an_autocast_this_cpu_cannot_run(
     monkeypatch: pytest.MonkeyPatch, precision: str, works: bool, match: str
 ) -> None:
     """A precision the CPU cannot run is refused before the first callback or step (no SIGILL mid-run)."""
-    monkeypatch.setitem(budget_module._AUTOCAST_OK, ("cpu", precision), works)
+    monkeypatch.setitem(precision_module._AUTOCAST_OK, ("cpu", precision), works)
     method = tiny_method("cps_prompt", depth=2, patch=8)
     before = {k: v.clone() for k, v in method.state_dict().items()}
 

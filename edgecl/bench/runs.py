@@ -30,7 +30,6 @@ __all__ = [
     "error_summary",
     "execute_run",
     "plan_runs",
-    "prepare_specs",
     "tail_lines",
 ]
 
@@ -282,23 +281,3 @@ def execute_run(
     record["stderr_tail"] = text_tail
     result_path.write_text(json.dumps(record))
     return outcome
-
-
-def prepare_specs(request: dict[str, Any], work_dir: Path, python: str | None = None) -> dict[str, Any]:
-    """Per-method spec dicts, registered methods and the machine, from a helper child (see the worker).
-
-    Raises ``ValueError`` with the helper's error (a bad profile, say)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    req_path, out_path = work_dir / "specs_request.json", work_dir / "specs.json"
-    req_path.write_text(json.dumps(request, indent=1))
-    out_path.unlink(missing_ok=True)
-    cmd = [python or sys.executable, "-m", "edgecl.bench.worker", "--specs", str(req_path), str(out_path)]
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    data = _load_json(out_path) or {}
-    req_path.unlink(missing_ok=True)
-    out_path.unlink(missing_ok=True)
-    if proc.returncode != 0 or data.get("status") != "ok":
-        tail = tail_lines(proc.stdout + proc.stderr)
-        why = error_summary(proc.returncode, tail, data.get("error"))
-        raise ValueError(f"could not build the run specs: {why}")
-    return data

@@ -6,10 +6,8 @@ writes: ``{"status": "ok", "results": {...}}`` or ``{"status": "failed", "error"
 (start-up included) with the task/phase boundaries, for the bench's memory-over-time plot: the telemetry
 meters keep aggregates only, not a full series.
 
-``python -m edgecl.bench.worker --specs REQUEST OUT`` does the parent's torch-dependent work once, so the
-parent never imports torch (importing it costs ~0.7 GB of RSS, and a child's ``getrusage`` high-water mark
-starts at its parent's): the per-method specs (:func:`~edgecl.commands.train.spec_from_args`, profile
-honoured), the registered methods and the machine description.
+The per-method specs are built by another child, :mod:`edgecl.commands.bench_specs` (it reads the ``train``
+command's flags, which this library does not import).
 """
 
 from __future__ import annotations
@@ -115,61 +113,11 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def build_specs(request: dict[str, Any]) -> dict[str, Any]:
-    """Spec dicts per method from the bench's parsed arguments (``request["args"]``).
-
-    ``request["methods"]`` may contain ``"all"`` (every registered method). The CPS/DPCT convenience flags
-    (``--reduction-rate`` ...) go only to methods whose config has that field; ``--set`` goes to every
-    method and ``request["method_sets"][method]`` (``KEY=VALUE`` items) to one, both strictly (an unknown
-    option fails that method's run, naming it).
-    """
-    import argparse
-    import dataclasses
-
-    from edgecl.commands.train import METHOD_FLAGS, _parse_overrides, spec_from_args
-    from edgecl.methods.registry import get_method_class, list_methods
-    from edgecl.runner import machine_info
-
-    args = argparse.Namespace(**request["args"])
-    specs: dict[str, Any] = {}
-    dropped: dict[str, list[str]] = {}
-    wanted = [m for name in request["methods"] for m in (list_methods() if name == "all" else [name])]
-    for method in dict.fromkeys(wanted):
-        spec = spec_from_args(args, method)
-        spec.tasks = spec.tasks or 5
-        try:
-            fields = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
-        except ValueError:  # unknown method: its run fails and says so
-            fields = None
-        set_keys = set(_parse_overrides(args.overrides))
-        for flag in METHOD_FLAGS:
-            given = getattr(args, flag, None) is not None
-            if fields is not None and given and flag not in fields and flag not in set_keys:
-                spec.method_options.pop(flag, None)
-                dropped.setdefault(method, []).append(flag)
-        spec.method_options.update(_parse_overrides(request.get("method_sets", {}).get(method, [])))
-        specs[method] = dataclasses.asdict(spec)
-    return {"specs": specs, "dropped": dropped, "methods": list_methods(), "machine": machine_info()}
-
-
-def _specs_main(request_arg: str, out: Path) -> int:
-    try:
-        request = json.loads(Path(request_arg).read_text())
-        _write(out, {"status": "ok", **build_specs(request)})
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        _write(out, {"status": "failed", "error": error, "traceback": traceback.format_exc()})
-        return 1
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train the spec, write OUT; exit 0 on success, 1 with the error written otherwise."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 3 and args[0] == "--specs":
-        return _specs_main(args[1], Path(args[2]))
     if len(args) != 2:
-        print("usage: python -m edgecl.bench.worker [--specs] SPEC_OR_REQUEST_JSON OUT_JSON", file=sys.stderr)
+        print("usage: python -m edgecl.bench.worker SPEC_JSON OUT_JSON", file=sys.stderr)
         return 2
     spec_arg, out = args[0], Path(args[1])
     recorder = MemoryRecorder().start()

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
     from edgecl.bench.plots import make_plots
     from edgecl.bench.report import aggregate, print_tables, write_outputs
-    from edgecl.bench.runs import ABLATION_REFERENCE, ABLATIONS, execute_run, plan_runs, prepare_specs
+    from edgecl.bench.runs import ABLATION_REFERENCE, ABLATIONS, execute_run, plan_runs
+    from edgecl.commands.bench_specs import prepare_specs
 
     console = Console(highlight=False)
     if not console.is_terminal:

@@ -72,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from edgecl.backbone import load_backbone
-    from edgecl.budget import BudgetError, plan_training
+    from edgecl.budget import BudgetError, Planner
     from edgecl.methods import create_method
     from edgecl.profiles import Profile, load_profile
+    from edgecl.train.trainer import TrainConfig
 
     profile = (
         load_profile(args.profile, memory_budget_mb=args.memory_budget_mb)
@@ -97,17 +98,22 @@ def run(args: argparse.Namespace) -> int:
         patch_size=args.patch_size or profile.patch_size,
     )
     method = create_method(method_name, backbone, options)
+    precision = args.precision or profile.precision
+    config = TrainConfig(
+        batch_size=profile.batch_size if args.batch_size is None else args.batch_size,
+        eval_batch_size=profile.eval_batch_size if args.eval_batch_size is None else args.eval_batch_size,
+        precision="fp32" if precision == "auto" else precision,  # auto: fp32, lowered only to fit
+        device=device,
+    )
     try:
-        plan = plan_training(
+        plan = Planner(
             method,
+            config,
             profile,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            device=device,
-            eval_batch_size=args.eval_batch_size,
             num_classes=args.num_classes,
+            allow_autocast=True if precision == "auto" else None,
             verify=not args.no_verify,
-        )
+        ).plan()
     except BudgetError as err:
         if args.json:
             print(json.dumps({"error": str(err), "minimum_budget_mb": err.minimum_mb}, indent=2))

@@ -729,18 +729,8 @@ class Worker:
             )
             return None
         task = stream.tasks[-1]
-        plan = budget.plan_training(
-            method,
-            prof,
-            batch_size=config.batch_size,
-            precision=config.precision,
-            device=config.device,
-            eval_batch_size=config.eval_batch_size,
-            num_classes=stream.num_classes,
-            task_index=task.index,
-            train_images_per_task=len(task.train),  # type: ignore[arg-type]
-        )
-        budget.apply_plan(plan, config, method=method)
+        plan = budget.Planner(method, config, prof, stream=stream, task_index=task.index).plan()
+        plan.apply(config, method)
         summary = {
             k: getattr(plan, k, None)
             for k in (

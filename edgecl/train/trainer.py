@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from edgecl.data.stream import TaskStream
 from edgecl.methods.base import Method, Phase, TaskInfo, describe_config
 from edgecl.methods.layers import cosine_lr
+from edgecl.precision import autocast_problem
 from edgecl.train import checkpoint as ckpt
 from edgecl.train.callbacks import Callback, CallbackList
 from edgecl.train.metrics import summarize
@@ -151,13 +152,12 @@ class Trainer:
     def _check_precision(self) -> None:
         """Refuse an autocast precision this device cannot run, before any work is done.
 
-        The reasons live in :func:`edgecl.budget.autocast_problem` (shared with the memory planner): fp16 is
-        CUDA-only, and CPU bf16 kernels can kill the whole process with SIGILL, so they are tried in a child.
+        The reasons live in :func:`edgecl.precision.autocast_problem` (shared with the memory planner): fp16
+        is CUDA-only, and CPU bf16 kernels can kill the whole process with SIGILL, so they are tried in a
+        child.
         """
         if self.config.precision == "fp32":
             return
-        from edgecl.budget import autocast_problem
-
         problem = autocast_problem(self.device, self.config.precision)
         if problem:
             raise ValueError(problem)
