@@ -242,6 +242,61 @@ def test_saved_activation_estimate_matches_rss_growth_in_a_fresh_process() -> No
     assert abs(res["rss_growth_mb"] - res["saved_mb"]) <= 0.10 * res["saved_mb"]
 
 
+# ---- the allocator modes ----------------------------------------------------------------------------------
+def test_allocator_modes_parse_and_bad_ones_say_what_to_use() -> None:
+    from edgecl.budget.allocator import parse_allocator_mode
+
+    assert parse_allocator_mode("trim").mmap_threshold_kib == 32 * 1024
+    assert (
+        parse_allocator_mode("trim").trim == "epochs" and parse_allocator_mode("trim-steps").trim == "steps"
+    )
+    custom = parse_allocator_mode("trim-steps:1024")
+    assert (custom.mmap_threshold_kib, custom.trim, custom.spec) == (1024, "steps", "trim-steps:1024")
+    assert parse_allocator_mode("trim:0").mmap_threshold_kib is None  # glibc's dynamic threshold
+    for bad, match in (
+        ("tcmalloc", "choose one of trim, trim-steps, mmap, default"),
+        ("mmap:0", "fixed"),
+        ("trim:99999", "0..32768"),
+        ("default:64", "no threshold"),
+        ("trim:x", "integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_allocator_mode(bad)
+
+
+ALLOCATOR_CHILD = textwrap.dedent(
+    """
+    import json, sys, torch
+    from edgecl.budget.allocator import at_epoch_boundary, at_step_boundary, setup_allocator
+    from edgecl.budget.memory import rss_mb
+    out = {}
+    for mode in sys.argv[1:]:
+        assert setup_allocator(mode)
+        big = [torch.ones(2**20) for _ in range(10)]  # 10 x 4 MiB, heap memory below the 32 MiB threshold
+        blocker = torch.ones(1024)  # above them: their memory is not at the top of the heap
+        touched = rss_mb()
+        del big
+        freed = rss_mb()
+        at_step_boundary()
+        after_step = rss_mb()
+        at_epoch_boundary()
+        out[mode] = {"touched": touched, "freed": freed, "step": after_step, "epoch": rss_mb()}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_trim_modes_keep_freed_heap_memory_until_their_boundary() -> None:
+    """40 MiB freed below a live tensor stays resident (the next step reuses it without page faults)
+    until the mode's boundary gives it back: epochs only for ``trim``, every step for ``trim-steps``."""
+    res = _run_child(ALLOCATOR_CHILD, "trim", "trim-steps")
+    for mode, step_trims in (("trim", False), ("trim-steps", True)):
+        r = res[mode]
+        assert r["touched"] - r["freed"] < 4, r  # freed, but still resident
+        assert (r["freed"] - r["step"] > 36) is step_trims, r
+        assert r["freed"] - r["epoch"] > 36, r
+
+
 # ---- the planner's choices (fake probes: pure logic) -----------------------------------------------------
 class FakeProber:
     """Probe results from a formula: saved = m * 1 MB * (1 - r) (halved in bf16), runtime overhead 40 MB."""
@@ -279,14 +334,14 @@ def _fake_plan(budget: float | None, precisions: list[str], rates: list[float | 
     precision_module._AUTOCAST_OK[key] = kw.pop("bf16_works", True)  # the fake prober runs no bf16
     planner = Search(
         tiny_method("cps_prompt", depth=2, patch=8),
-        FakeProber(),
+        kw.pop("prober", None) or FakeProber(),
         "rss",
         budget,
         16,
         headroom=kw.pop("headroom", 5.0),  # type: ignore[arg-type]
         eval_batch_size=kw.pop("eval_batch_size", 16),
         train_images=None,
-        verify=True,
+        verify=kw.pop("verify", True),
     )
     planner.factor = 1.0
     try:
@@ -334,6 +389,27 @@ def test_planner_refuses_with_the_smallest_budget_that_works() -> None:
     assert "autocast not allowed" in str(err.value)
     plan = _fake_plan(float(need), ["fp32"], [0.5, 0.75])  # ... and that budget does work
     assert plan.micro_batch_size == 1 and plan.reduction_rate == 0.75
+
+
+class HeapProber(FakeProber):
+    """As in a heap that keeps freed transients until the step ends: 20 MB + 3 MB per sample beyond S."""
+
+    def train_step(self, m: int, precision: str, rate: float | None, **kw: Any) -> dict[str, float]:
+        out = super().train_step(m, precision, rate, **kw)
+        out["delta_rss"] = out["saved_rss"] + 20.0 + 3.0 * m
+        return out
+
+
+def test_planner_follows_step_increments_that_grow_with_the_micro_batch() -> None:
+    """Probes at m = 1, 2, 4 measure 5m + 20 MB (S = 2m at r 0.5): the prediction at m = 16 follows the
+    measured line (100 MB), not S(16) + the largest overhead seen (32 + 32 = 64 MB)."""
+    fixed = 1000.0 + 2.0 + 2 * 16 * 3 * 32 * 32 * 4 / 2**20
+    unverified = _fake_plan(None, ["fp32"], [0.5], prober=HeapProber(), verify=False)
+    assert unverified.micro_batch_size == 16 and unverified.verified_peak_mb is None
+    assert unverified.predicted_peak_mb == pytest.approx(fixed + 5 * 16 + 20)
+    # a budget the constant-overhead model would take for m = 16: the line says m = 8 (60 MB) is the most
+    tight = _fake_plan(fixed + 70.0 + 5.0, ["fp32"], [0.5], prober=HeapProber())
+    assert tight.micro_batch_size == 8 and tight.verified_peak_mb == pytest.approx(fixed + 60.0)
 
 
 def test_planner_lowers_the_eval_batch_when_evaluation_is_the_peak() -> None:

@@ -48,6 +48,7 @@ _EXPORTS = {
     "DEFAULT_ALLOCATOR_MODE": "edgecl.budget.allocator",
     "allocator_description": "edgecl.budget.allocator",
     "allocator_mode": "edgecl.budget.allocator",
+    "at_epoch_boundary": "edgecl.budget.allocator",
     "at_step_boundary": "edgecl.budget.allocator",
     "setup_allocator": "edgecl.budget.allocator",
     "trim_allocator": "edgecl.budget.allocator",

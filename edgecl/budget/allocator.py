@@ -3,21 +3,26 @@
 On CPU (and a Jetson's unified memory) torch's tensors come from glibc ``malloc``. With glibc's defaults a
 freed activation stays in the heap and the RSS high-water mark creeps up with fragmentation (ViT-Tiny 64
 px, batch 16, 30 CPU steps with evaluations in between: +127 MB after the first step, +201 MB after 20),
-so a peak cannot be planned and the memory never goes back to a shared DRAM. Modes
-(:data:`ALLOCATOR_MODES`, chosen by measurement in benchmarks/PERFORMANCE.md, "The allocator"):
+and glibc's *dynamic* mmap threshold moves while training runs, so early steps (the planner's probes) and
+later ones do not even use the same regime. Modes (:data:`ALLOCATOR_MODES`; the choice is measured in
+benchmarks/PERFORMANCE.md, "The allocator"):
 
-* ``trim`` (budgeted training's default): a fixed 32 MiB mmap threshold (glibc's dynamic threshold would
-  move the regime while training runs, so probe steps would not see the steps that follow) and
-  ``malloc_trim(0)`` at every step boundary (:func:`at_step_boundary`, called by the budget guard): each
-  step starts from a trimmed heap, as the planner's probe steps do, and reuses freed memory inside the
-  step without a page fault. Tensors over 32 MiB (large evaluation batches) are their own mappings.
+* ``trim`` (budgeted training's default): a fixed 32 MiB mmap threshold, so the regime never changes
+  (tensors over 32 MiB, e.g. large evaluation batches, are their own mappings; all others are heap
+  memory that a step frees and the next step reuses without a page fault), and ``malloc_trim(0)`` at
+  every epoch start and before evaluation (:func:`at_epoch_boundary`, called by the budget guard), where
+  the allocation pattern changes. The guard also trims whenever it reads a usage over the budget, before
+  it halves anything. Between two steps of an epoch the RSS stays at the step's own peak.
+* ``trim-steps``: the same and ``malloc_trim(0)`` after every step (:func:`at_step_boundary`): the RSS
+  goes back to the live tensors between steps, paid with re-faulting the step's heap on every step.
 * ``mmap``: a fixed 64 KiB mmap threshold, every tensor its own mapping, returned to the OS when freed: the
-  strictest tracking, paid with a page fault on every first touch (+30-60 % step time on CPU).
+  RSS tracks live tensors at every moment, paid with a page fault on every first touch (+30-60 % CPU
+  time per step).
 * ``default``: glibc untouched; the planner then multiplies measured increments by ``UNTUNED_FACTOR``.
 
-A mode may name its own threshold (``trim:KIB``, ``mmap:KIB``; ``trim:0`` keeps glibc's dynamic one) for
-measurements. The environment's ``MALLOC_MMAP_THRESHOLD_`` takes precedence over any mode. Other C
-libraries: nothing is changed and every function here is a no-op.
+A mode may name its own threshold (``NAME:KIB``; ``0`` keeps glibc's dynamic one) for measurements. The
+environment's ``MALLOC_MMAP_THRESHOLD_`` takes precedence over any mode. A threshold, once fixed, stays
+fixed for the process. Other C libraries: nothing is changed and every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "allocator_description",
     "allocator_mode",
     "allocator_tracks_live_tensors",
+    "at_epoch_boundary",
     "at_step_boundary",
     "parse_allocator_mode",
     "setup_allocator",
@@ -48,11 +54,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 @dataclass(frozen=True)
 class AllocatorMode:
-    """How glibc is set up: a fixed mmap threshold (None = glibc's dynamic one) and step-boundary trims."""
+    """How glibc is set up: a fixed mmap threshold (None = glibc's dynamic one) and when the heap is trimmed
+    (``never``, ``epochs``: at every epoch start and before evaluation, ``steps``: after every step too)."""
 
     name: str
     mmap_threshold_kib: int | None
-    trim_at_step_boundaries: bool
+    trim: str
 
     @property
     def tracks_live_tensors(self) -> bool:
@@ -67,9 +74,10 @@ class AllocatorMode:
 
 
 ALLOCATOR_MODES = {
-    "trim": AllocatorMode("trim", 32 * 1024, True),
-    "mmap": AllocatorMode("mmap", 64, False),
-    "default": AllocatorMode("default", None, False),
+    "trim": AllocatorMode("trim", 32 * 1024, "epochs"),
+    "trim-steps": AllocatorMode("trim-steps", 32 * 1024, "steps"),
+    "mmap": AllocatorMode("mmap", 64, "never"),
+    "default": AllocatorMode("default", None, "never"),
 }
 DEFAULT_ALLOCATOR_MODE = "trim"
 """What budgeted training sets up (profiles' ``tune_allocator: true``)."""
@@ -92,12 +100,12 @@ def _libc() -> Any:
 
 
 def parse_allocator_mode(spec: str) -> AllocatorMode:
-    """``trim``, ``mmap`` or ``default``, optionally ``NAME:KIB`` with a fixed mmap threshold in KiB."""
+    """A name of :data:`ALLOCATOR_MODES`, optionally ``NAME:KIB`` with its own fixed mmap threshold in KiB."""
     name, sep, kib = spec.strip().partition(":")
     if name not in ALLOCATOR_MODES:
         raise ValueError(
             f"unknown allocator mode {spec!r}; choose one of {', '.join(ALLOCATOR_MODES)} "
-            "(optionally NAME:KIB, e.g. trim:32768)"
+            "(optionally NAME:KIB, e.g. trim:1024)"
         )
     base = ALLOCATOR_MODES[name]
     if not sep:
@@ -112,7 +120,7 @@ def parse_allocator_mode(spec: str) -> AllocatorMode:
         raise ValueError(f"allocator mode {spec!r}: glibc takes a threshold of 0..32768 KiB (0 = dynamic)")
     if threshold == 0 and name == "mmap":
         raise ValueError("allocator mode 'mmap' needs a fixed threshold (mmap:KIB with KIB >= 1)")
-    return AllocatorMode(name, threshold or None, base.trim_at_step_boundaries)
+    return AllocatorMode(name, threshold or None, base.trim)
 
 
 def setup_allocator(mode: str | AllocatorMode = DEFAULT_ALLOCATOR_MODE) -> bool:
@@ -120,7 +128,7 @@ def setup_allocator(mode: str | AllocatorMode = DEFAULT_ALLOCATOR_MODE) -> bool:
 
     With ``MALLOC_MMAP_THRESHOLD_`` in the environment glibc is left as the user set it (True). The mmap
     threshold is fixed with ``mallopt``, the trim threshold at twice it (glibc's own rule when it adjusts
-    the threshold): in ``trim`` mode memory goes back at step boundaries, not in the middle of a step.
+    the threshold), so the heap is not shrunk and regrown in the middle of a step.
     """
     global _MODE
     m = parse_allocator_mode(mode) if isinstance(mode, str) else mode
@@ -159,8 +167,9 @@ def allocator_description() -> str:
     if m.name == "default":
         return "glibc default (dynamic mmap threshold)"
     threshold = "dynamic" if m.mmap_threshold_kib is None else f"{m.mmap_threshold_kib} KiB"
-    if m.trim_at_step_boundaries:
-        return f"glibc, mmap threshold {threshold}, malloc_trim at step boundaries (mode {m.spec})"
+    if m.trim != "never":
+        when = "every step" if m.trim == "steps" else "epoch starts and before evaluation"
+        return f"glibc, mmap threshold {threshold}, malloc_trim at {when} (mode {m.spec})"
     return f"glibc, mmap threshold {threshold} (freed tensors return to the OS; mode {m.spec})"
 
 
@@ -172,6 +181,12 @@ def trim_allocator() -> None:
 
 
 def at_step_boundary() -> None:
-    """What the mode does between two training steps: ``malloc_trim(0)`` in ``trim`` mode, else nothing."""
-    if _MODE.trim_at_step_boundaries:
+    """What the mode does between two training steps: ``malloc_trim(0)`` in ``trim-steps``, else nothing."""
+    if _MODE.trim == "steps":
+        trim_allocator()
+
+
+def at_epoch_boundary() -> None:
+    """At an epoch start and before evaluation: ``malloc_trim(0)`` unless the mode never trims."""
+    if _MODE.trim != "never":
         trim_allocator()

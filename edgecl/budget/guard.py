@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from edgecl.budget.allocator import at_step_boundary, trim_allocator
+from edgecl.budget.allocator import at_epoch_boundary, at_step_boundary, trim_allocator
 from edgecl.budget.memory import cuda_mb, peak_rss_mb, rss_mb
 from edgecl.budget.plan import Plan
 from edgecl.train.callbacks import Callback
@@ -204,11 +204,11 @@ class BudgetGuard(Callback):
 
     def on_epoch_start(self, trainer: Trainer, task: int, epoch: int) -> None:
         """Start the epoch from a trimmed heap (checkpoints and evaluations ran since the last step)."""
-        at_step_boundary()
+        at_epoch_boundary()
 
     def on_train_end(self, trainer: Trainer, task: int) -> None:
         """Evaluation and end-of-task statistics start from a trimmed heap, as their probes did."""
-        at_step_boundary()
+        at_epoch_boundary()
 
     def on_task_end(self, trainer: Trainer, task: int, record: dict[str, Any]) -> None:
         """Add the peak so far to the task's record."""

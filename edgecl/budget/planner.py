@@ -33,9 +33,13 @@ Knobs, in order (:class:`~edgecl.budget.search.Search`): the largest micro-batch
 ``max_reduction_rate`` for methods with a ``reduction_rate`` (CPS), then bf16 (CPU/CUDA) or fp16 (CUDA)
 autocast. If nothing fits, :class:`~edgecl.budget.plan.BudgetError` states the smallest budget that would.
 
-Every probe starts from a trimmed heap, which is what every training step starts from in the allocator mode
-the planner sets up (:mod:`edgecl.budget.allocator`, ``trim``: the budget guard trims at step boundaries),
-so the probes measure the allocator behaviour training has.
+**The allocator.** Every probe starts from a trimmed heap in the allocator mode the planner sets up
+(:mod:`edgecl.budget.allocator`, ``trim``: a fixed mmap threshold, freed memory reused inside the heap,
+trimmed at epoch starts and before evaluation), so a probe step's peak is that of a training step in the
+same regime; the step increments it measures grow with the micro-batch there (freed transients stay in
+the heap until the step ends), and the search follows the measured line rather than a constant overhead.
+Steps after the first of an epoch start from the previous step's heap instead of a trimmed one; their
+peaks measured a few MB above a trimmed step's (benchmarks/PERFORMANCE.md), inside the headroom.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 :class:`SavedTensorCounter` counts the bytes autograd saves for backward (unique storages; parameters,
 their views and the input excluded). :class:`Prober` runs forward + backward (or an inference forward) of
 a copy of the method that shares the frozen backbone, from a trimmed heap and a reset RSS high-water mark
-(:func:`~edgecl.budget.allocator.trim_allocator`, :func:`~edgecl.budget.memory.reset_peak_rss`): the
-state every training step starts from in the allocator's ``trim`` and ``mmap`` modes, so a probe measures
-what the training steps will do.
+(:func:`~edgecl.budget.allocator.trim_allocator`, :func:`~edgecl.budget.memory.reset_peak_rss`), in the
+allocator mode training will have, so a probe measures what the training steps will do.
 """
 
 from __future__ import annotations

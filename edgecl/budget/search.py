@@ -51,11 +51,33 @@ class _Fit:
     probed: dict[int, dict[str, float]]
 
     def saved(self, meter: str, m: int) -> float:
+        """Saved activations at micro-batch ``m`` (the line through the probes)."""
         return self.saved_intercept[meter] + self.saved_slope[meter] * m
 
+    def measured_line(self, meter: str, m: int) -> float | None:
+        """The measured step increments, piecewise linear in the micro-batch through the probed sizes
+        (extended from the two largest); None with fewer than two probed sizes.
+
+        With every tensor its own mapping the increment beyond the saved activations is a constant;
+        with freed memory reused inside a heap it grows with the micro-batch (freed transients stay
+        resident until the step ends), which this line follows and a constant overhead would not."""
+        points = sorted((k, v[meter]) for k, v in self.probed.items() if meter in v)
+        if len(points) < 2:
+            return None
+        lo, hi = points[-2], points[-1]
+        for a, b in zip(points, points[1:], strict=False):
+            if a[0] <= m <= b[0]:
+                lo, hi = a, b
+                break
+        return lo[1] + (hi[1] - lo[1]) / (hi[0] - lo[0]) * (m - lo[0])
+
     def train_inc(self, meter: str, m: int) -> float:
-        measured = self.probed.get(m, {}).get(meter)
+        """Predicted step increment at ``m``: the model, the measured line, or the measurement itself."""
         model = self.saved(meter, m) + self.overhead[meter]
+        line = self.measured_line(meter, m)
+        if line is not None:
+            model = max(model, line)
+        measured = self.probed.get(m, {}).get(meter)
         return max(model, measured) if measured is not None else model
 
 
