@@ -386,6 +386,10 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_epoch_start(self, trainer: Trainer, task: int, epoch: int) -> None:
+            if allocator:  # the budget guard's epoch-boundary work
+                from edgecl.budget.allocator import at_epoch_boundary
+
+                at_epoch_boundary()
             self._e0 = time.perf_counter()
 
         def on_epoch_end(self, trainer: Trainer, task: int, epoch: int, logs: dict[str, Any]) -> None:
