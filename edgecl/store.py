@@ -9,6 +9,9 @@ Layout of ``DATA_DIR``::
     jobs/<id>/checkpoint/     # a running job's resumable per-epoch checkpoint
     token                     # bearer token, created 0600 when no other token is configured
 
+Folders are 0750 and the database files 0640 at most, whatever the umask (``edgecl serve`` also adds 0027
+to its umask, which covers the files the trainer and the upload path write).
+
 Every write that spans files and rows commits the row last: a task folder is moved from ``staging/`` into
 ``tasks/`` inside the transaction that inserts its row, so a crash leaves either a committed task or an
 orphan folder that :meth:`Store.recover` deletes on the next start. This module knows nothing of torch.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -37,6 +41,8 @@ __all__ = [
     "StoreError",
     "TaskRecord",
 ]
+
+log = logging.getLogger("edgecl.serve")
 
 SCHEMA_VERSION = 1
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -178,6 +184,24 @@ class JobRecord:
         )
 
 
+DIR_MODE = 0o750
+"""Mode of the data dir and its folders: the service user (and its group) only."""
+FILE_MODE = 0o640
+"""Mode of the database and its WAL/SHM files."""
+
+
+def _restrict(path: Path, mode: int) -> None:
+    """Take group-write and all other-user permissions off ``path`` (whatever the umask made it)."""
+    try:
+        current = path.stat().st_mode & 0o7777
+        if current & ~mode:
+            os.chmod(path, current & mode)
+    except FileNotFoundError:
+        return
+    except PermissionError as err:  # not ours (e.g. a root-owned dir the service may write to)
+        log.warning("cannot restrict %s to %04o: %s", path, mode, err)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -210,7 +234,12 @@ class Store:
         self.jobs_dir = self.root / "jobs"
         self.token_path = self.root / "token"
         for d in (self.root, self.staging_dir, self.tasks_dir, self.jobs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            _restrict(d, DIR_MODE)
+        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, FILE_MODE)  # SQLite gives -wal/-shm its mode
+        os.close(fd)
+        for suffix in ("", "-wal", "-shm"):
+            _restrict(self.db_path.with_name(self.db_path.name + suffix), FILE_MODE)
         with self.connect() as conn:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":

@@ -3,6 +3,8 @@ building and the job-option rules (no server, no training)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import stat
 import sys
 import types
@@ -19,11 +21,12 @@ from starlette.testclient import TestClient
 
 from edgecl.cli import main as cli_main
 from edgecl.profiles import load_profile
-from edgecl.serve.auth import BearerAuthMiddleware, BodySizeLimitMiddleware
+from edgecl.serve.auth import BodySizeLimitMiddleware
 from edgecl.serve.config import read_env_file, resolve_settings
-from edgecl.serve.metrics import Counters, MetricsWriter
+from edgecl.serve.options import JobConflict, resolve_method_options
 from edgecl.serve.predictor import ModelHolder, OnnxRuntimePredictor, check_engine
-from edgecl.serve.worker import JobConflict, JobProgress, build_stream, resolve_method_options
+from edgecl.serve.progress import JobProgress
+from edgecl.serve.stream import build_stream
 from edgecl.store import JobRecord, Store
 
 PROFILE = (
@@ -87,6 +90,27 @@ def test_token_file_is_created_0600_and_reused(tmp_path: Path, profile: Path) ->
         resolve_settings(**{**kwargs, "environ": {"EDGECL_TOKEN": "short"}})
 
 
+def test_weak_or_readable_token_files_are_refused(tmp_path: Path, profile: Path) -> None:
+    token_file = tmp_path / "token"
+    kwargs: dict[str, Any] = {
+        "profile": str(profile),
+        "data_dir": str(tmp_path / "d"),
+        "env_file": "",
+        "environ": {"EDGECL_TOKEN_FILE": str(token_file)},
+        "allow_random_backbone": True,
+    }
+    token_file.write_text("fifteen-chars-x\n")  # 15 characters
+    token_file.chmod(0o600)
+    with pytest.raises(ValueError, match="shorter than 16 characters"):
+        resolve_settings(**kwargs)
+    token_file.write_text("sixteen-chars-xx\n")
+    assert resolve_settings(**kwargs).token == "sixteen-chars-xx"
+    for mode in (0o644, 0o640, 0o604):
+        token_file.chmod(mode)
+        with pytest.raises(ValueError, match=f"mode {mode:04o}.*chmod 0600 {token_file}"):
+            resolve_settings(**kwargs)
+
+
 def test_weights_are_required_unless_random_is_allowed(tmp_path: Path, profile: Path) -> None:
     kwargs: dict[str, Any] = {
         "profile": str(profile),
@@ -126,56 +150,25 @@ def test_serve_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- middleware
-def _echo_app(token: str, max_bytes: int) -> TestClient:
+def test_body_limit_per_path() -> None:
     async def echo(request: Request) -> JSONResponse:
         return JSONResponse({"n": len(await request.body())})
 
-    app = Starlette(
-        routes=[Route("/echo", echo, methods=["POST"]), Route("/healthz", echo, methods=["POST"])]
-    )
-    wrapped = BearerAuthMiddleware(BodySizeLimitMiddleware(app, max_bytes), token)
-    return TestClient(wrapped)  # type: ignore[arg-type]
-
-
-def test_bearer_auth_and_body_limit() -> None:
-    client = _echo_app("secret-token", 100)
-    assert client.post("/echo", content=b"x").status_code == 401
-    assert client.post("/echo", content=b"x", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert (
-        client.post("/echo", content=b"x", headers={"Authorization": "Basic secret-token"}).status_code == 401
-    )
-    assert client.post("/healthz", content=b"x").json() == {"n": 1}
-    auth = {"Authorization": "Bearer secret-token"}
-    assert client.post("/echo", content=b"x" * 100, headers=auth).json() == {"n": 100}
-    r = client.post("/echo", content=b"x" * 101, headers=auth)
-    assert r.status_code == 413 and "larger than 100 bytes" in r.json()["detail"]
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/small", echo, methods=["POST"])])
+    client = TestClient(BodySizeLimitMiddleware(app, 100, limits={"/small": 10}, hint=" (flag)"))  # type: ignore[arg-type]
+    assert client.post("/echo", content=b"x" * 100).json() == {"n": 100}
+    r = client.post("/echo", content=b"x" * 101)
+    assert r.status_code == 413 and r.json()["detail"] == "request body larger than 100 bytes (flag)"
+    assert client.post("/small", content=b"x" * 10).json() == {"n": 10}
+    r = client.post("/small", content=b"x" * 11)
+    assert r.status_code == 413 and r.json()["detail"] == "request body larger than 10 bytes"
 
     def chunks() -> Any:  # no Content-Length: counted while streaming
         for _ in range(5):
             yield b"y" * 40
 
-    assert client.post("/echo", content=chunks(), headers=auth).status_code == 413
-    with pytest.raises(ValueError):
-        BearerAuthMiddleware(lambda *a: None, "")  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------------------------------- metrics
-def test_prometheus_text() -> None:
-    counters = Counters()
-    counters.predict(2, 0.02)
-    counters.predict(1, 3.0)
-    counters.upload(True, 10, 0.5)
-    w = MetricsWriter()
-    w.family("edgecl_jobs", "gauge", "Jobs", [({"status": "done"}, 2), ({"status": 'we"ird'}, 0)])
-    w.gauge("edgecl_missing", "left out when None", None)
-    w.histogram("edgecl_predict_latency_seconds", "latency", counters.predict_latency)
-    text = w.text()
-    assert '# TYPE edgecl_jobs gauge\nedgecl_jobs{status="done"} 2\nedgecl_jobs{status="we\\"ird"} 0' in text
-    assert "edgecl_missing" not in text
-    assert 'edgecl_predict_latency_seconds_bucket{le="0.025"} 1' in text
-    assert 'edgecl_predict_latency_seconds_bucket{le="+Inf"} 2' in text
-    assert "edgecl_predict_latency_seconds_count 2" in text and text.endswith("\n")
-    assert counters.uploads == {"accepted": 1, "rejected": 0} and counters.images_ingested == 10
+    r = client.post("/echo", content=chunks())
+    assert r.status_code == 413 and r.headers["content-type"] == "application/json"
 
 
 # ------------------------------------------------------------------------------------------- predictors
@@ -363,3 +356,148 @@ def test_a_job_that_keeps_killing_the_daemon_is_failed(tmp_path: Path, profile: 
     Worker(settings, store, ModelHolder())._run_job(store.get_job(job.id))  # type: ignore[arg-type]
     got = store.get_job(job.id)
     assert got is not None and got.status == "failed" and "without progress" in (got.error or "")
+
+
+# ------------------------------------------------------------------------------------------- permissions
+def test_store_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        (tmp_path / "d").mkdir(mode=0o777)
+        store = Store(tmp_path / "d")
+        staging = store.new_staging_dir()
+        store.add_task(staging, name="t", classes=["a"], counts={}, eval_counts={}, manifest=[])
+        with store.connect() as conn:  # -wal and -shm exist while a connection is open
+            conn.execute("UPDATE tasks SET name = 'u'")
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [store.root, *store.root.iterdir()]}
+    finally:
+        os.umask(old)
+    assert {modes[n] for n in ("d", "staging", "tasks", "jobs")} == {0o750}, modes
+    assert {modes[n] for n in ("edgecl.db", "edgecl.db-wal", "edgecl.db-shm")} == {0o640}, modes
+
+
+# ------------------------------------------------------------------------------------------- auth log
+def test_failed_authentication_is_logged_once_per_client_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from edgecl.serve.auth import AuthFailureLog
+
+    now = [100.0]
+    failures = AuthFailureLog(interval_s=10.0, clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="edgecl.serve")
+    assert failures.record("10.0.0.5", "GET /v1/tasks")  # the first one: logged at once
+    for t in (101.0, 105.0, 109.9):
+        now[0] = t
+        assert not failures.record("10.0.0.5", "GET /v1/tasks")  # counted, not logged
+    assert failures.record("10.0.0.9", "POST /v1/jobs")  # another client has its own window
+    now[0] = 110.0
+    assert failures.record("10.0.0.5", "GET /metrics")  # 10 s later: one line with the count
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "authentication failed: 10.0.0.5 GET /v1/tasks (missing or wrong bearer token)",
+        "authentication failed: 10.0.0.9 POST /v1/jobs (missing or wrong bearer token)",
+        "authentication failed: 10.0.0.5, 4 times in the last 10 s (latest GET /metrics)",
+    ]
+    assert failures.total == 6
+
+
+# ------------------------------------------------------------------------------------------- systemd
+def _listener(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(10)
+    return sock
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_sd_notify_sends_datagrams(tmp_path: Path, abstract: bool) -> None:
+    from edgecl.serve.notify import SystemdNotifier
+
+    address = f"@edgecl-test-{os.getpid()}" if abstract else str(tmp_path / "notify")
+    sock = _listener(address)
+    try:
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+        assert notifier.enabled and notifier.notify("READY=1", "STATUS=up")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+        notifier.close()
+    finally:
+        sock.close()
+    silent = SystemdNotifier({})
+    assert not silent.enabled and not silent.notify("READY=1")
+
+
+def test_watchdog_interval_follows_systemd_rules() -> None:
+    from edgecl.serve.notify import watchdog_interval
+
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000"}) == 60.0
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}) == 60.0
+    assert watchdog_interval({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid() + 1)}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+
+
+def test_watchdog_pings_only_while_healthy(tmp_path: Path) -> None:
+    from edgecl.serve.notify import SystemdNotifier, Watchdog
+
+    address = str(tmp_path / "notify")
+    sock = _listener(address)
+    state = {"problem": None}
+    dog = Watchdog(SystemdNotifier({"NOTIFY_SOCKET": address}), 0.05, lambda: state["problem"])
+    dog.start()
+    try:
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        state["problem"] = "the training worker thread stopped"
+        message = sock.recv(4096)
+        while message == b"WATCHDOG=1":  # pings sent before the check saw the problem
+            message = sock.recv(4096)
+        assert message == b"STATUS=unhealthy: the training worker thread stopped"
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # no ping while unhealthy
+            sock.recv(4096)
+        sock.settimeout(10)
+        state["problem"] = None
+        assert sock.recv(4096) == b"WATCHDOG=1"
+    finally:
+        dog.stop()
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_prometheus_counters_histograms_and_state(tmp_path: Path, profile: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgecl.serve import ServeSettings
+    from edgecl.serve.context import ServeContext
+
+    prof = load_profile(str(profile))
+    prof.memory_budget_mb = 1000
+    settings = ServeSettings(profile=prof, data_dir=tmp_path, token="k" * 20, token_source="t")
+    ctx = ServeContext(settings, Store(tmp_path))
+    staging = ctx.store.new_staging_dir()
+    ctx.store.add_task(
+        staging, name="t", classes=["a", "b"], counts={}, eval_counts={}, manifest=[("x", 0, "train")] * 3
+    )
+    ctx.metrics.predict(2, 0.02)
+    ctx.metrics.predict(1, 3.0)
+    ctx.metrics.upload("accepted", 10, 0.5)
+    ctx.metrics.upload("rejected", seconds=0.25)
+    ctx.metrics.upload("throttled")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(ctx.metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples[("edgecl_predict_latency_seconds_bucket", (("le", "0.025"),))] == 1
+    assert samples[("edgecl_predict_latency_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("edgecl_predict_latency_seconds_sum", ())] == 0.02 + 3.0
+    assert samples[("edgecl_predict_images_total", ())] == 3
+    assert samples[("edgecl_uploads_total", (("result", "accepted"),))] == 1
+    assert samples[("edgecl_uploads_total", (("result", "throttled"),))] == 1
+    assert samples[("edgecl_images_ingested_total", ())] == 10
+    assert samples[("edgecl_upload_seconds_total", ())] == 0.75
+    assert samples[("edgecl_tasks", (("status", "pending"),))] == 1
+    assert samples[("edgecl_jobs", (("status", "queued"),))] == 0
+    assert samples[("edgecl_images_stored", ())] == 3
+    assert samples[("edgecl_memory_budget_bytes", ())] == 1000 * 2**20
+    assert samples[("edgecl_model_version", ())] == 0 and samples[("edgecl_ready", ())] == 0
+    assert samples[("edgecl_process_resident_memory_bytes", ())] > 0
+    assert ("edgecl_train_step_seconds", ()) not in samples  # no job ran: left out, not 0

@@ -55,6 +55,12 @@ def register(subparsers: Any) -> None:
     )
     for flag, dest, kind, default, text in _LIMIT_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"{text} (default {default:g})")
+    parser.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=2,
+        help="uploads received at once; more get 429 with Retry-After (default 2)",
+    )
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of each class held out (0.1)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -63,11 +69,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the settings, build the app and serve until SIGTERM/SIGINT."""
-    import uvicorn
-
     from edgecl.data.ingest import IngestLimits
-    from edgecl.serve import create_app, resolve_settings
+    from edgecl.serve import resolve_settings
     from edgecl.serve.config import DEFAULT_ENV_FILE
+    from edgecl.serve.daemon import run_daemon
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -87,18 +92,11 @@ def run(args: argparse.Namespace) -> int:
         allow_known_classes=args.allow_known_classes,
         limits=limits,
         max_request_bytes=int(args.max_request_mb * 2**20),
+        max_concurrent_uploads=args.max_concurrent_uploads,
         eval_fraction=args.eval_fraction,
     )
     log = logging.getLogger("edgecl.serve")
     for key, value in settings.describe().items():
         log.info("%s: %s", key, value)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-        access_log=args.log_level == "debug",
-    )
+    run_daemon(settings, args.log_level)
     return 0

@@ -36,6 +36,7 @@ log = logging.getLogger("edgecl.serve")
 DEFAULT_ENV_FILE = "/etc/edgecl/edgecl.env"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8470
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass
@@ -59,6 +60,10 @@ class ServeSettings:
     """Share of each class held out of training to measure accuracy (per upload)."""
     max_predict_images: int = 64
     predict_concurrency: int = 2
+    max_concurrent_uploads: int = 2
+    """Uploads received and validated at once; more answer 429 with ``Retry-After``."""
+    upload_retry_after_s: int = 5
+    """The ``Retry-After`` (seconds) of that 429."""
     backbone_seed: int = 0
     """Seed of the random backbone init (same weights on every start, so a resumed job stays valid)."""
     sources: dict[str, str] = field(default_factory=dict)
@@ -127,8 +132,10 @@ def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> 
     """(token, where it came from): ``EDGECL_TOKEN``, else the token file (created 0600 with a random token
     when missing), else ``DATA_DIR/token`` (likewise). The file's path is logged, the token never."""
     if token:
-        if len(token) < 16:
-            raise ValueError("EDGECL_TOKEN is shorter than 16 characters; use a long random token")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"EDGECL_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters; use a long random token"
+            )
         return token, "EDGECL_TOKEN"
     path = Path(token_file).expanduser() if token_file else data_dir / "token"
     if path.exists():
@@ -142,8 +149,16 @@ def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> 
             ) from err
         if not text:
             raise ValueError(f"token file {path} is empty; delete it to have a new token generated")
+        if len(text) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"the token in {path} is shorter than {MIN_TOKEN_LENGTH} characters; write a long random one:"
+                f" python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
+            )
         if mode & 0o077:
-            log.warning("token file %s has mode %04o, readable by others: chmod 0600 %s", path, mode, path)
+            raise ValueError(
+                f"token file {path} has mode {mode:04o}: group or other users may read it; "
+                f"run: chmod 0600 {path}"
+            )
         log.info("bearer token read from %s", path)
         return text, str(path)
     path.parent.mkdir(parents=True, exist_ok=True)

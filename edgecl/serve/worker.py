@@ -17,50 +17,33 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from edgecl.serve.options import read_checkpoint_meta, resolve_method_options, train_count
+from edgecl.serve.progress import GuardedCallback, JobProgress
+from edgecl.serve.stream import build_stream
 from edgecl.store import JobRecord, Store, TaskRecord
 from edgecl.train.callbacks import Callback
 
 if TYPE_CHECKING:
     from edgecl.backbone import FrozenViT
     from edgecl.data.stream import TaskStream
-    from edgecl.methods.base import Phase
-    from edgecl.profiles import Profile
     from edgecl.serve.config import ServeSettings
     from edgecl.serve.predictor import ModelHolder
     from edgecl.train.trainer import Trainer
 
-__all__ = [
-    "ADJUSTABLE_OPTIONS",
-    "JobConflict",
-    "JobProgress",
-    "Worker",
-    "build_stream",
-    "optional_telemetry",
-    "read_checkpoint_meta",
-    "resolve_method_options",
-]
+__all__ = ["STALLED_RESTARTS", "Worker", "optional_telemetry"]
 
 log = logging.getLogger("edgecl.serve")
 
 STALLED_RESTARTS = 2
 """A job whose last this-many restarts (plus the first run) all ended at the same point fails instead."""
-
-ADJUSTABLE_OPTIONS = frozenset({"lr", "optimizer", "weight_decay", "schedule", "clip_grad"})
-"""Method options a later job may change; all others are fixed by the first learned task (shapes)."""
-
-
-class JobConflict(ValueError):
-    """A job that cannot continue the committed model (another method, or changed structural options)."""
 
 
 def optional_telemetry() -> ModuleType | None:
@@ -70,243 +53,6 @@ def optional_telemetry() -> ModuleType | None:
     except ImportError as err:
         log.warning("telemetry unavailable (%s): jobs run without meters", err)
         return None
-
-
-def read_checkpoint_meta(directory: Path) -> dict[str, Any] | None:
-    """The committed metadata of a checkpoint folder (no tensors loaded), or None when there is none."""
-    from edgecl.train.checkpoint import META
-
-    path = directory / META
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
-
-
-def resolve_method_options(
-    method: str, profile: Profile, explicit: dict[str, Any], model_meta: dict[str, Any] | None
-) -> dict[str, Any]:
-    """The method options a job trains with; ``ValueError`` for bad ones, :class:`JobConflict` when the job
-    cannot continue the committed model."""
-    from edgecl.methods.registry import build_config
-
-    if model_meta is None:
-        base = dict(profile.method_options) if method == profile.method else {}
-        options = {**base, **explicit}
-        build_config(method, options)
-        return options
-    if model_meta.get("method") != method:
-        raise JobConflict(
-            f"the model in service was trained with method '{model_meta.get('method')}'; later tasks must "
-            f"use the same method (got '{method}')"
-        )
-    saved = dict(model_meta.get("method_config") or {})
-    fixed = sorted(
-        k for k, v in explicit.items() if k not in ADJUSTABLE_OPTIONS and _norm(saved.get(k)) != _norm(v)
-    )
-    if fixed:
-        raise JobConflict(
-            f"option(s) {fixed} are fixed once the first task is learned (the model has "
-            f"{ {k: saved.get(k) for k in fixed} }); only {sorted(ADJUSTABLE_OPTIONS)} may change"
-        )
-    options = {**saved, **{k: v for k, v in explicit.items() if k in ADJUSTABLE_OPTIONS}}
-    build_config(method, options)
-    return options
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def train_count(task: TaskRecord) -> int:
-    """Training images of a task (all images when none are held out)."""
-    n = sum(1 for _, _, split in task.manifest if split == "train")
-    return n or task.num_images
-
-
-def build_stream(
-    store: Store, tasks: Sequence[TaskRecord], img_size: int, mean: Sequence[float], std: Sequence[float]
-) -> TaskStream:
-    """A class-incremental stream over stored tasks: global class ids follow task order; each task's held-out
-    images are its test set (its training images when it has none)."""
-    from edgecl.data.stream import ImageListDataset, Task, TaskStream
-    from edgecl.data.transforms import build_transforms
-
-    train_tf, eval_tf = build_transforms(img_size, mean, std)
-    out: list[Task] = []
-    order: list[str] = []
-    for i, task in enumerate(tasks):
-        root = store.task_path(task)
-        offset = len(order)
-        train = [(str(root / rel), offset + c) for rel, c, split in task.manifest if split == "train"]
-        test = [(str(root / rel), offset + c) for rel, c, split in task.manifest if split == "eval"]
-        train = train or list(test)
-        train_ds = ImageListDataset(train, train_tf)
-        out.append(
-            Task(
-                i,
-                list(range(offset, offset + len(task.classes))),
-                list(task.classes),
-                train_ds,
-                train_ds.with_transform(eval_tf),
-                ImageListDataset(test or train, eval_tf),
-            )
-        )
-        order += task.classes
-    return TaskStream(
-        out, order, source=f"edgecl-store:{store.root}", info={"task_ids": [t.id for t in tasks]}
-    )
-
-
-class _Guarded(Callback):
-    """Runs another callback's hooks, logging (once per hook) instead of raising: a telemetry failure must not
-    stop training. Cancellation and shutdown still propagate from the trainer itself."""
-
-    def __init__(self, inner: Callback) -> None:
-        self.inner = inner
-        self._failed: set[str] = set()
-
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            inner = object.__getattribute__(self, "inner")
-            failed = object.__getattribute__(self, "_failed")
-
-            def call(*args: Any, **kwargs: Any) -> None:
-                try:
-                    getattr(inner, name)(*args, **kwargs)
-                except Exception as err:
-                    if name not in failed:
-                        failed.add(name)
-                        log.warning("%s.%s failed (ignored): %s", type(inner).__name__, name, err)
-
-            return call
-        return object.__getattribute__(self, name)
-
-
-class JobProgress(Callback):
-    """Tracks a job across its tasks for status, ETA and metrics; persists a snapshot after every epoch."""
-
-    def __init__(self, store: Store, job: JobRecord, steps_per_epoch: dict[int, int], epochs: int) -> None:
-        self.store = store
-        self.job_id = job.id
-        self.task_ids = list(job.task_ids)
-        self.steps_per_epoch = steps_per_epoch
-        self.epochs = epochs
-        self.total_steps = sum(steps_per_epoch.values()) * epochs
-        self._lock = threading.Lock()
-        self.finished_steps = 0
-        self.task_id: int | None = None
-        self.position = 0
-        self.phase: str | None = None
-        self.epoch = 0
-        self.epochs_done = 0
-        self.step = 0
-        self.loss: float | None = None
-        self.train_time = 0.0
-        self.steps_run = 0
-        self.stage = "starting"
-        self._t_last: float | None = None
-
-    # ---- driven by the worker ----------------------------------------------------------------
-    def task_skipped(self, task_id: int) -> None:
-        """A task of the job that was already learned (before a restart)."""
-        with self._lock:
-            self.finished_steps += self.steps_per_epoch.get(task_id, 0) * self.epochs
-
-    def begin_task(self, task_id: int, position: int, epochs_done: int) -> None:
-        """Training of ``task_id`` starts (or resumes after ``epochs_done`` epochs)."""
-        with self._lock:
-            self.task_id, self.position = task_id, position
-            self.epoch = self.epochs_done = epochs_done
-            self.step = 0
-            self.stage = "training"
-
-    def end_task(self) -> None:
-        """The task was committed."""
-        with self._lock:
-            if self.task_id is not None:
-                self.finished_steps += self.steps_per_epoch.get(self.task_id, 0) * self.epochs
-            self.epochs_done = self.epochs
-            self.step = 0
-            self.stage = "committed"
-        self.persist()
-
-    # ---- trainer hooks -----------------------------------------------------------------------
-    def on_phase_start(self, trainer: Trainer, task: int, phase: Phase) -> None:
-        """Remember the phase (joint, sparse, head)."""
-        self.phase = str(getattr(phase, "value", phase))
-
-    def on_epoch_start(self, trainer: Trainer, task: int, epoch: int) -> None:
-        """Start timing the epoch's steps."""
-        with self._lock:
-            self.epoch, self.step = epoch, 0
-            self._t_last = time.perf_counter()
-
-    def on_step_end(self, trainer: Trainer, task: int, epoch: int, step: int, loss: float) -> None:
-        """Count the step and its duration."""
-        now = time.perf_counter()
-        with self._lock:
-            if self._t_last is not None:
-                self.train_time += now - self._t_last
-            self._t_last = now
-            self.step, self.loss = step, loss
-            self.steps_run += 1
-
-    def on_epoch_end(self, trainer: Trainer, task: int, epoch: int, logs: dict[str, Any]) -> None:
-        """The epoch's checkpoint is committed: persist progress."""
-        with self._lock:
-            self.epochs_done = epoch + 1
-            self.step = 0
-            self._t_last = None
-        self.persist()
-
-    def on_train_end(self, trainer: Trainer, task: int) -> None:
-        """Training of the task is over; evaluation and the commit follow."""
-        with self._lock:
-            self.stage = "evaluating"
-
-    # ---- queries -----------------------------------------------------------------------------
-    def done_steps(self) -> int:
-        """Optimizer steps of this job done so far (finished tasks and committed epochs included)."""
-        spe = self.steps_per_epoch.get(self.task_id or -1, 0)
-        current = 0 if self.stage == "committed" else self.epochs_done * spe + self.step
-        return min(self.finished_steps + current, self.total_steps)
-
-    def mean_step_time(self) -> float | None:
-        """Seconds per optimizer step measured in this process (None before the first step)."""
-        return self.train_time / self.steps_run if self.steps_run else None
-
-    def snapshot(self) -> dict[str, Any]:
-        """Status fields: task, phase, epoch (1-based), progress %, ETA, latest loss, step time."""
-        with self._lock:
-            done = self.done_steps()
-            rate = self.mean_step_time()
-            remaining = self.total_steps - done
-            return {
-                "stage": self.stage,
-                "task_id": self.task_id,
-                "task_position": self.position + 1,
-                "tasks_in_job": len(self.task_ids),
-                "phase": self.phase,
-                "epoch": min(self.epoch + 1, self.epochs) if self.stage == "training" else self.epochs_done,
-                "epochs": self.epochs,
-                "epochs_done": self.epochs_done,
-                "step": self.step,
-                "steps_in_epoch": self.steps_per_epoch.get(self.task_id or -1, 0),
-                "steps_done": done,
-                "steps_total": self.total_steps,
-                "progress": round(100.0 * done / self.total_steps, 2) if self.total_steps else 0.0,
-                "eta_s": round(remaining * rate, 1) if rate is not None else None,
-                "loss": self.loss,
-                "step_time_s": round(rate, 5) if rate is not None else None,
-                "updated_at": time.time(),
-            }
-
-    def persist(self) -> None:
-        """Write the snapshot to the store (read by status after a restart)."""
-        try:
-            self.store.update_progress(self.job_id, self.snapshot())
-        except Exception as err:  # progress is informative; never stop training over it
-            log.warning("could not persist progress of job %s: %s", self.job_id, err)
 
 
 @dataclasses.dataclass
@@ -684,7 +430,7 @@ class Worker:
             callbacks.append(guard)
         telemetry = self._telemetry_callback()
         if telemetry is not None:
-            callbacks.append(_Guarded(telemetry))
+            callbacks.append(GuardedCallback(telemetry))
         trainer = Trainer(method, stream, config, callbacks)
         with self._lock:
             running.trainer, running.telemetry = trainer, telemetry
