@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from edgecl.serve.routers import ROUTERS
 from edgecl.serve.routers.jobs import MAX_JOB_BODY_BYTES
 from edgecl.store import Store
 
-__all__ = ["create_app"]
+__all__ = ["api_schema", "create_app"]
 
 log = logging.getLogger("edgecl.serve")
 
@@ -33,6 +34,16 @@ DESCRIPTION = (
     "Every route except /healthz needs `Authorization: Bearer <token>`. Every error is JSON "
     "(`detail`, and `problems` listing each offending member or field)."
 )
+
+
+def api_schema() -> dict[str, Any]:
+    """The OpenAPI document of the API (the same for every app: it depends on no setting)."""
+    return get_openapi(
+        title="edgecl",
+        version=edgecl.__version__,
+        description=DESCRIPTION,
+        routes=[route for router in ROUTERS for route in router.routes],
+    )
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -70,14 +81,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
-    def schema() -> dict[str, object]:
-        if app.openapi_schema is None:
-            app.openapi_schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
-            )
-        return app.openapi_schema
-
-    app.openapi = schema  # type: ignore[method-assign]
+    schema = api_schema()
+    app.openapi = lambda: schema  # type: ignore[method-assign]
     routes = [(route.path_regex, route.methods) for router in ROUTERS for route in router.routes]
     install_error_handlers(app, ctx.auth.authorized, routes)
 

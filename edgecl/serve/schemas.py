@@ -50,7 +50,7 @@ class JobRequest(BaseModel):
 
     method: str | None = Field(default=None, description="registered method; default: the profile's method")
     task_ids: list[Id] | None = Field(
-        default=None, max_length=10_000, description="tasks to learn in this order; default: all pending"
+        default=None, max_length=1000, description="tasks to learn in this order; default: all pending"
     )
     epochs: int | None = Field(
         default=None, ge=1, le=10_000, description="epochs per task; default: the profile's"

@@ -46,7 +46,10 @@ async def predict(request: Request, ctx: Ctx) -> dict[str, object]:
     limit = ctx.settings.max_predict_images
     form = await read_form(request, ctx.store.staging_dir, max_files=limit + 1)
     try:
-        uploads = [u for u in [*form.getlist("file"), *form.getlist("files")] if isinstance(u, UploadFile)]
+        parts = [*form.getlist("file"), *form.getlist("files")]
+        uploads = [u for u in parts if isinstance(u, UploadFile)]
+        if len(uploads) != len(parts):
+            raise UploadRejected("'file' and 'files' must be file parts (curl -F file=@PATH)")
         if not uploads:
             raise UploadRejected("no image: send 'file' (one image) or 'files' (several)")
         if len(uploads) > limit:
