@@ -71,7 +71,9 @@ def test_unit_runs_serve_as_a_hardened_dedicated_user() -> None:
     text = UNIT.read_text()
     one = {k: v for _, k, v in unit_entries(text)}
     expected = {
-        "Type": "exec",
+        "Type": "notify",  # READY=1 once serving, watchdog pings while alive (edgecl.serve.notify)
+        "NotifyAccess": "main",
+        "WatchdogSec": "60",
         "User": "edgecl",
         "Group": "edgecl",
         "StateDirectory": "edgecl",

@@ -3,6 +3,7 @@ with httpx. A tiny random ViT (32 px, patch 8, seeded) stands in for real weight
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,10 +11,12 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -62,7 +65,9 @@ def free_port() -> int:
 class Server:
     """``python -m edgecl serve`` in its own process group, with its log in ``workdir/server-N.log``."""
 
-    def __init__(self, workdir: Path, data_dir: Path, *extra: str, profile: str = PROFILE) -> None:
+    def __init__(
+        self, workdir: Path, data_dir: Path, *extra: str, profile: str = PROFILE, umask: int | None = None
+    ) -> None:
         self.profile_text = profile
         self.workdir = workdir
         self.data_dir = data_dir
@@ -71,6 +76,23 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "server.log"
         self.starts = 0
+        self.umask = umask
+        self.notify: socket.socket | None = None
+        """A stand-in for systemd's notify socket (see :meth:`listen_notify`)."""
+
+    def listen_notify(self) -> None:
+        """Receive the daemon's sd_notify datagrams (as systemd does, at once), with a 1 s watchdog."""
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.workdir / "notify.sock"))
+        self.notify.settimeout(0.2)
+        self.notified: list[str] = []
+
+        def read() -> None:
+            while self.notify is not None:
+                with contextlib.suppress(TimeoutError, OSError):
+                    self.notified.append(self.notify.recv(4096).decode())
+
+        threading.Thread(target=read, daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -81,6 +103,8 @@ class Server:
         profile.write_text(self.profile_text)
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECL_")}
         env.update(EDGECL_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+        if self.notify is not None:
+            env.update(NOTIFY_SOCKET=str(self.workdir / "notify.sock"), WATCHDOG_USEC="1000000")
         self.starts += 1
         self.log_path = self.workdir / f"server-{self.starts}.log"
         cmd = [
@@ -101,7 +125,13 @@ class Server:
         ]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+                umask=-1 if self.umask is None else self.umask,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -128,6 +158,9 @@ class Server:
         self.proc.wait(30)
 
     def stop(self) -> None:
+        if self.notify is not None:  # ends the reader thread (after the daemon's last datagram)
+            sock, self.notify = self.notify, None
+            threading.Timer(1.0, sock.close).start()
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -142,8 +175,10 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []
 
-    def make(*extra: str, data_dir: Path | None = None, profile: str = PROFILE) -> Server:
-        server = Server(tmp_path, data_dir or tmp_path / "data", *extra, profile=profile)
+    def make(
+        *extra: str, data_dir: Path | None = None, profile: str = PROFILE, umask: int | None = None
+    ) -> Server:
+        server = Server(tmp_path, data_dir or tmp_path / "data", *extra, profile=profile, umask=umask)
         servers.append(server)
         return server
 
@@ -480,9 +515,38 @@ def test_full_flow_upload_train_predict(server_factory: Any, tmp_path: Path) -> 
     assert telemetry["jobs"][0]["job_id"] == job_id
 
 
+def _stalled_upload(
+    url: str, body: bytes, boundary: str, sent: threading.Event, release: threading.Event
+) -> None:
+    """POST ``body`` (multipart) but stop after its first 2 KB until ``release``: an upload in flight."""
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:2048]
+        sent.set()
+        release.wait(120)
+        yield body[2048:]
+
+    headers = {**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"}
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{url}/v1/tasks", content=chunks(), headers=headers, timeout=120)
+
+
+def _spooling(pid: int, staging: Path) -> bool:
+    """Whether process ``pid`` holds an (unnamed) spool file in ``staging``."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(str(staging)):
+                return True
+    return False
+
+
 @pytest.mark.slow
-def test_kill9_during_training_resumes_from_the_last_epoch(server_factory: Any, tmp_path: Path) -> None:
-    server = server_factory("--eval-fraction", "0.1")
+def test_kill9_mid_training_and_mid_upload(server_factory: Any, tmp_path: Path) -> None:
+    """kill -9 while a job trains and an upload streams in: the store is intact, the upload leaves nothing,
+    the job resumes from its last epoch and finishes. The daemon runs with umask 000 (files stay private)
+    and talks sd_notify to a stand-in socket."""
+    server = server_factory("--eval-fraction", "0.1", umask=0)
+    server.listen_notify()
     server.start()
     client = server.client()
     t1 = archive(synthetic_task(tmp_path / "t1", 3, 12), "zip")
@@ -500,10 +564,36 @@ def test_kill9_during_training_resumes_from_the_last_epoch(server_factory: Any, 
         time.sleep(0.05)
     epochs_done = job["details"]["epochs_done"]
     assert client.get(f"/v1/jobs/{job2}").json()["status"] == "queued"
+    tasks_before = client.get("/v1/tasks").json()
+    # an upload in flight: its file part is being spooled when the daemon dies
+    t3 = archive(synthetic_task(tmp_path / "t3", 2, 6, offset=5), "zip")
+    boundary = "edgecl-kill9-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t3.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + t3.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    sent, release = threading.Event(), threading.Event()
+    uploader = threading.Thread(target=_stalled_upload, args=(server.url, body, boundary, sent, release))
+    uploader.start()
+    assert server.proc is not None
+    deadline = time.monotonic() + 60
+    while not (sent.is_set() and _spooling(server.proc.pid, server.data_dir / "staging")):
+        assert time.monotonic() < deadline, "the upload never reached the spool"
+        time.sleep(0.02)
     server.kill9()
+    release.set()
+    uploader.join(30)
     assert epochs_done < 6
+    with sqlite3.connect(server.data_dir / "edgecl.db") as db:  # intact after kill -9, before any recovery
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     server.start()
     client = server.client()
+    assert client.get("/v1/tasks").json() == tasks_before  # the upload in flight left nothing
+    assert list((server.data_dir / "staging").iterdir()) == []
     job = wait_job(client, job1)
     assert job["status"] == "done", (job, server.log())
     resume = job["resumes"][-1]
@@ -517,6 +607,20 @@ def test_kill9_during_training_resumes_from_the_last_epoch(server_factory: Any, 
     assert [(t["id"], t["status"]) for t in tasks] == [(1, "learned"), (2, "learned")]
     assert client.get("/v1/model").json()["version"] == 2
     assert not (server.data_dir / "jobs" / str(job1)).exists()  # a finished job's checkpoint is dropped
+    r = client.post("/v1/tasks", files={"file": (t3.name, t3.read_bytes())})  # the same classes: nothing left
+    assert r.status_code == 201, r.text
+    # umask 000, yet nothing under the data dir is group-writable or readable by other users
+    loose = [
+        (str(p.relative_to(server.data_dir)), oct(p.stat().st_mode & 0o777))
+        for p in [server.data_dir, *server.data_dir.rglob("*")]
+        if p.stat().st_mode & 0o027
+    ]
+    assert loose == [], loose
+    server.stop()
+    time.sleep(0.5)  # the reader's last datagrams
+    messages = list(server.notified)
+    assert messages.count(f"READY=1\nSTATUS=serving on 127.0.0.1:{server.port}") == 2, messages
+    assert "WATCHDOG=1" in messages and messages[-1].startswith("STOPPING=1"), messages
 
 
 @pytest.mark.slow

@@ -425,6 +425,20 @@ def test_sd_notify_sends_datagrams(tmp_path: Path, abstract: bool) -> None:
     assert not silent.enabled and not silent.notify("READY=1")
 
 
+def test_sd_notify_never_blocks_on_a_full_receiver(tmp_path: Path) -> None:
+    from edgecl.serve.notify import SystemdNotifier
+
+    address = str(tmp_path / "notify")
+    sock = _listener(address)  # never read: its queue fills up
+    try:
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+        sent = [notifier.notify("WATCHDOG=1") for _ in range(2000)]
+        assert sent[0] and not sent[-1]  # the queue filled and later messages were dropped, not waited on
+        notifier.close()
+    finally:
+        sock.close()
+
+
 def test_watchdog_interval_follows_systemd_rules() -> None:
     from edgecl.serve.notify import watchdog_interval
 

@@ -79,10 +79,10 @@ class NotifyingServer(uvicorn.Server):
         return problem
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Send STOPPING=1, stop the watchdog, then shut down as uvicorn does."""
-        self.notifier.notify("STOPPING=1", "STATUS=stopping: finishing the current training step")
+        """Stop the watchdog, send STOPPING=1, then shut down as uvicorn does."""
         if self.watchdog is not None:
             self.watchdog.stop()
+        self.notifier.notify("STOPPING=1", "STATUS=stopping: finishing the current training step")
         await super().shutdown(sockets)
 
 

@@ -46,6 +46,7 @@ class SystemdNotifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    self._sock.setblocking(False)  # never stall the event loop on a busy receiver
                 self._sock.sendto(payload, self._address)
             except OSError as err:
                 if not self._warned:
