@@ -11,6 +11,7 @@ import pytest
 from edgecl.methods.base import Phase
 from edgecl.telemetry import PsutilBackend, Sampler, TelemetryCallback, ratio_rows, render_ratio_table
 from edgecl.telemetry.backends import CUDA_ALLOCATED_MB, CUDA_RESERVED_MB, POWER_W, Backend, Capabilities
+from edgecl.train.callbacks import Callback
 
 
 class ConstantPower(Backend):
@@ -172,3 +173,49 @@ def test_render_ratio_table(fmt: str) -> None:
         assert lines[0].startswith("| Method | Peak memory (× cps_prompt)") and len(lines) == 5
     with pytest.raises(ValueError, match="fmt"):
         render_ratio_table([], fmt="html")
+
+
+class _SlowEpochThenCrash(Callback):
+    """Spends ``seconds`` in the first epoch's first step, then dies after that epoch's checkpoint."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, trainer: Any, task: int, epoch: int, step: int, loss: float) -> None:
+        if (epoch, step) == (0, 1):
+            time.sleep(self.seconds)
+
+    def on_epoch_end(self, trainer: Any, task: int, epoch: int, logs: dict[str, Any]) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_a_resumed_task_counts_its_training_before_the_restart(tiny_vit: Any, tmp_path: Any) -> None:
+    """train_seconds (and energy) of a task resumed from an epoch checkpoint = the time carried in the
+    checkpoint + the time since the restart, not only the latter."""
+    from edgecl.data import synthetic_stream
+    from edgecl.methods import create_method
+    from edgecl.train.checkpoint import load_checkpoint
+    from edgecl.train.trainer import TrainConfig, Trainer
+
+    def run(callbacks: list[Callback], resume: Any = None) -> dict[str, Any]:
+        stream = synthetic_stream(1, classes_per_task=2, per_class=4, test_per_class=2, img_size=32)
+        method = create_method("cps_prompt", tiny_vit, {"expected_tasks": 1, "pool_size": 4})
+        config = TrainConfig(epochs=2, batch_size=8, checkpoint_dir=str(tmp_path / "ckpt"))
+        return Trainer(method, stream, config, callbacks).fit(resume_from=resume)
+
+    first = TelemetryCallback(Sampler([ConstantPower(10.0)], period_s=0.01))
+    with pytest.raises(KeyboardInterrupt):
+        run([first, _SlowEpochThenCrash(0.5)])
+    carried = load_checkpoint(tmp_path / "ckpt").meta["telemetry"]
+    assert carried["task"] == 0 and carried["epochs_done"] == 1 and carried["train_seconds"] >= 0.5
+    assert carried["energy_j"] > 0
+    second = TelemetryCallback(Sampler([ConstantPower(10.0)], period_s=0.01))
+    results = run([second], resume=tmp_path / "ckpt")
+    record = results["tasks"][0]
+    task = record["telemetry"]["task"]
+    since = task["since_resume"]
+    assert record["telemetry"]["before_resume"] == carried
+    assert record["train_seconds"] == task["wall_s"] == carried["train_seconds"] + since["wall_s"]
+    assert task["energy_j"] == carried["energy_j"] + since["energy_j"]
+    assert results["telemetry"]["train_seconds"] == record["train_seconds"]

@@ -1,7 +1,8 @@
 """``TelemetryCallback``: meters every task's training, every phase within it, and the whole run.
 
 It writes ``record["telemetry"]``, ``record["train_seconds"]`` and ``record["peak_memory_mb"]`` per task and
-``results["telemetry"]`` for the run; ``latest()`` gives the daemon a live view of the current region.
+``results["telemetry"]`` for the run; ``latest()`` gives the daemon a live view of the current region. Epoch
+checkpoints carry the interrupted task's figures so far, so a resumed task reports its whole training.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class TelemetryCallback(Callback):
         self._phase_name: str | None = None
         self._phases: dict[str, MeterResult] = {}
         self._tasks: list[MeterResult] = []
+        self._carried: dict[str, Any] | None = None
+        """The interrupted task's training so far, from the checkpoint this run resumed from."""
+        self._carried_s = 0.0
 
     # -------------------------------------------------------------------------------------- hooks
 
@@ -65,6 +69,7 @@ class TelemetryCallback(Callback):
         with self._lock:
             self._run = run
             self._tasks = []
+            self._carried_s = 0.0
 
     def on_task_start(self, trainer: Trainer, task: int) -> None:
         """Open the task's training meter."""
@@ -101,6 +106,9 @@ class TelemetryCallback(Callback):
         record["telemetry"] = {"task": result.to_dict(), "phases": phases}
         record["train_seconds"] = result.wall_s
         record["peak_memory_mb"] = result.peak_memory_mb
+        carried, self._carried = self._carried, None
+        if carried is not None and carried.get("task") == task:
+            self._add_carried(record, result, carried)
         self._tasks.append(result)
         with self._lock:
             self._task_result = None
@@ -118,6 +126,51 @@ class TelemetryCallback(Callback):
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         """Close whatever is open and stop the sampler."""
         self._shutdown()
+
+    def _add_carried(self, record: dict[str, Any], result: MeterResult, carried: dict[str, Any]) -> None:
+        """A task resumed mid-way: its epochs before the restart (not trained again) count too. The task's
+        ``wall_s``/``energy_j`` become whole-task figures; ``since_resume`` keeps this process's part."""
+        before_s = float(carried["train_seconds"])
+        task = record["telemetry"]["task"]
+        task["since_resume"] = {"wall_s": result.wall_s, "energy_j": result.energy_j}
+        task["wall_s"] = result.wall_s + before_s
+        before_j = carried.get("energy_j")
+        task["energy_j"] = (
+            result.energy_j + before_j if result.energy_j is not None and before_j is not None else None
+        )
+        if task["energy_j"] is None and result.energy_j is not None:
+            task.setdefault("nulls", {})["energy_j"] = "no energy figure for the epochs before the resume"
+        record["telemetry"]["before_resume"] = carried
+        record["train_seconds"] = task["wall_s"]
+        peaks = [p for p in (result.peak_memory_mb, carried.get("peak_memory_mb")) if p is not None]
+        record["peak_memory_mb"] = max(peaks) if peaks else None
+        self._carried_s += before_s
+
+    def on_save_checkpoint(self, trainer: Trainer, meta: dict[str, Any]) -> None:
+        """Carry the current task's training time, peak and energy so far in the epoch checkpoint, so a
+        resumed run reports the whole task's cost, not only what ran after the restart."""
+        with self._lock:
+            meter, task = self._task, self._task_index
+        if meter is None or task is None or meta.get("task_complete"):
+            return
+        snap = meter.snapshot()
+        carried = self._carried if self._carried is not None and self._carried.get("task") == task else {}
+        seconds = float(snap.get("elapsed_s") or 0.0) + float(carried.get("train_seconds", 0.0))
+        peaks = [p for p in (snap.get("peak_memory_mb"), carried.get("peak_memory_mb")) if p is not None]
+        energy = snap.get("energy_j")
+        before = carried.get("energy_j") if carried else 0.0
+        meta["telemetry"] = {
+            "task": task,
+            "epochs_done": meta.get("epochs_done"),
+            "train_seconds": seconds,
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "energy_j": energy + before if energy is not None and before is not None else None,
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, meta: dict[str, Any]) -> None:
+        """Remember what the checkpoint carried for the task it interrupted."""
+        carried = meta.get("telemetry")
+        self._carried = dict(carried) if isinstance(carried, dict) and not meta.get("task_complete") else None
 
     # ------------------------------------------------------------------------------------- queries
 
@@ -176,7 +229,7 @@ class TelemetryCallback(Callback):
             "period_s": self.sampler.period_s,
             "peak_memory_mb": peak,
             "energy_j": energy,
-            "train_seconds": sum(t.wall_s for t in tasks) if tasks else None,
+            "train_seconds": sum(t.wall_s for t in tasks) + self._carried_s if tasks else None,
             "nulls": nulls,
         }
         if self.sampler.errors:

@@ -53,6 +53,12 @@ class Callback:
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         """When training raises (cancellation included), before the exception propagates."""
 
+    def on_save_checkpoint(self, trainer: Trainer, meta: dict[str, Any]) -> None:
+        """Before a resumable checkpoint is written: add JSON-able state under a key of your own."""
+
+    def on_load_checkpoint(self, trainer: Trainer, meta: dict[str, Any]) -> None:
+        """After a run resumes from a checkpoint, with the ``meta`` that :meth:`on_save_checkpoint` saw."""
+
 
 class CallbackList(Callback):
     """Fans every hook out to a list of callbacks."""

@@ -315,6 +315,7 @@ class Trainer:
             return
         tensors = {f"method.{k}": v for k, v in self.method.trainable_state_dict().items()}
         meta = self._meta(t, epochs_done, task_complete)
+        self.callbacks.on_save_checkpoint(self, meta)
         if self.optimizer is not None and not task_complete:
             opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
             tensors.update(opt_tensors)
@@ -346,6 +347,7 @@ class Trainer:
         self.state.micro_batch_size = st.get("micro_batch_size", self.state.micro_batch_size)
         self.state.adaptations = list(st.get("adaptations", []))
         t, done = int(meta["task"]), int(meta["epochs_done"])
+        self.callbacks.on_load_checkpoint(self, meta)
         if meta["task_complete"]:
             # restore into the state after task t: replay the head size etc. from meta
             self.method.load_checkpoint_meta(meta["method_meta"])
