@@ -158,17 +158,17 @@ class Server:
         self.proc.wait(30)
 
     def stop(self) -> None:
-        if self.notify is not None:  # ends the reader thread (after the daemon's last datagram)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        if self.notify is not None:  # the daemon is gone: the reader drains its last datagrams, then ends
+            time.sleep(0.5)
             sock, self.notify = self.notify, None
-            threading.Timer(1.0, sock.close).start()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+            threading.Timer(0.5, sock.close).start()
 
 
 @pytest.fixture
@@ -617,7 +617,6 @@ def test_kill9_mid_training_and_mid_upload(server_factory: Any, tmp_path: Path) 
     ]
     assert loose == [], loose
     server.stop()
-    time.sleep(0.5)  # the reader's last datagrams
     messages = list(server.notified)
     assert messages.count(f"READY=1\nSTATUS=serving on 127.0.0.1:{server.port}") == 2, messages
     assert "WATCHDOG=1" in messages and messages[-1].startswith("STOPPING=1"), messages

@@ -108,6 +108,7 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> Any:
         spec.method = profile.method
         spec.method_options = dict(profile.method_options)
         spec.epochs, spec.batch_size, spec.threads = profile.epochs, profile.batch_size, profile.threads
+        spec.eval_batch_size = profile.eval_batch_size
         spec.backbone, spec.img_size, spec.patch_size = profile.backbone, profile.img_size, profile.patch_size
         spec.weights, spec.memory_budget_mb = profile.weights, profile.memory_budget_mb
         spec.precision = profile.precision if profile.precision != "auto" else "fp32"

@@ -80,8 +80,8 @@ class NotifyingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Stop the watchdog, send STOPPING=1, then shut down as uvicorn does."""
-        if self.watchdog is not None:
-            self.watchdog.stop()
+        if self.watchdog is not None:  # joined off the loop: its health check may be waiting on the loop
+            await asyncio.to_thread(self.watchdog.stop)
         self.notifier.notify("STOPPING=1", "STATUS=stopping: finishing the current training step")
         await super().shutdown(sockets)
 

@@ -1,5 +1,4 @@
-"""Trainer callbacks of the daemon: a job's progress (status, ETA, persisted after every epoch) and a guard
-that keeps a failing meter from stopping training."""
+"""The daemon's trainer callback: a job's progress (status, ETA), persisted to the store after every epoch."""
 
 from __future__ import annotations
 
@@ -15,34 +14,9 @@ if TYPE_CHECKING:
     from edgecl.store import JobRecord, Store
     from edgecl.train.trainer import Trainer
 
-__all__ = ["GuardedCallback", "JobProgress"]
+__all__ = ["JobProgress"]
 
 log = logging.getLogger("edgecl.serve")
-
-
-class GuardedCallback(Callback):
-    """Runs another callback's hooks, logging (once per hook) instead of raising: a telemetry failure must not
-    stop training. Cancellation and shutdown still propagate from the trainer itself."""
-
-    def __init__(self, inner: Callback) -> None:
-        self.inner = inner
-        self._failed: set[str] = set()
-
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("on_"):
-            inner = object.__getattribute__(self, "inner")
-            failed = object.__getattribute__(self, "_failed")
-
-            def call(*args: Any, **kwargs: Any) -> None:
-                try:
-                    getattr(inner, name)(*args, **kwargs)
-                except Exception as err:
-                    if name not in failed:
-                        failed.add(name)
-                        log.warning("%s.%s failed (ignored): %s", type(inner).__name__, name, err)
-
-            return call
-        return object.__getattribute__(self, name)
 
 
 class JobProgress(Callback):

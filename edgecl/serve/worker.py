@@ -1,7 +1,10 @@
-"""The training worker: one thread that runs queued jobs in order through the one :class:`Trainer`.
+"""The training worker: one thread that runs queued jobs in order, each task through :mod:`edgecl.runner`.
 
-A job trains its tasks one at a time. For each task the worker builds a :class:`TaskStream` of every task
-already learned (in learning order) plus this one, and resumes the trainer from
+A job trains its tasks one at a time. For each task the worker builds a :class:`TaskStream` over the store
+(every task already learned, in learning order, plus this one) and a :class:`~edgecl.runner.RunSpec` from the
+profile and the job, and hands both, with its loaded backbone and its progress callback, to
+:func:`~edgecl.runner.prepare_run`: the method, callbacks (telemetry, task identification, budget guard) and
+memory plan are assembled exactly as for ``edgecl train``. The run resumes from
 
 * the job's own mid-task checkpoint (``jobs/<id>/checkpoint``) when it holds this exact stream (the daemon
   was killed or stopped during this task: training continues from the last finished epoch), else
@@ -26,14 +29,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from edgecl.serve.options import read_checkpoint_meta, resolve_method_options, train_count
-from edgecl.serve.progress import GuardedCallback, JobProgress
+from edgecl.serve.progress import JobProgress
 from edgecl.serve.stream import build_stream
 from edgecl.store import JobRecord, Store, TaskRecord
-from edgecl.train.callbacks import Callback
 
 if TYPE_CHECKING:
     from edgecl.backbone import FrozenViT
-    from edgecl.data.stream import TaskStream
+    from edgecl.runner import RunSpec
     from edgecl.serve.config import ServeSettings
     from edgecl.serve.predictor import ModelHolder
     from edgecl.train.trainer import Trainer
@@ -378,8 +380,9 @@ class Worker:
     def _train_task(
         self, job: JobRecord, task: TaskRecord, position: int, running: _Running
     ) -> dict[str, Any]:
-        from edgecl.methods.registry import create_method
-        from edgecl.train.trainer import TrainConfig, Trainer
+        """Train ``task`` on top of the committed model through :func:`edgecl.runner.prepare_run` (the
+        assembly of ``edgecl train``), with the job's progress as the daemon's own callback."""
+        from edgecl.runner import prepare_run
 
         assert self.backbone is not None
         info = self.backbone.info
@@ -410,35 +413,19 @@ class Worker:
             resume_from, epochs_done = ckpt_dir, int(saved.get("epochs_done", 0))
             self.store.note_resume(job.id, {"task_id": task.id, "epoch": epochs_done})
             log.info("job %s: task %s resumes after epoch %d", job.id, task.id, epochs_done)
-        method = create_method(job.method, self.backbone, options)
-        opts = job.options
-        config = TrainConfig(
-            epochs=int(opts["epochs"]),
-            batch_size=int(opts["batch_size"]),
-            micro_batch_size=opts.get("micro_batch_size"),
-            seed=int(opts.get("seed", 0)),
-            eval_batch_size=int(getattr(self.settings.profile, "eval_batch_size", 64)),
-            device=self.settings.device,
-            precision=str(opts.get("precision", "fp32")),
-            checkpoint_dir=str(ckpt_dir),
-            model_dir=str(self.store.model_dir),
+        spec = self.run_spec(job, options, ckpt_dir, resume_from)
+        run = prepare_run(
+            spec, [running.progress], backbone=self.backbone, stream=stream, profile=self.settings.profile
         )
-        callbacks: list[Callback] = [running.progress]
-        plan = self._plan_budget(method, config, stream)
-        if plan is not None:
-            guard, plan_summary = plan
-            callbacks.append(guard)
-        telemetry = self._telemetry_callback()
-        if telemetry is not None:
-            callbacks.append(GuardedCallback(telemetry))
-        trainer = Trainer(method, stream, config, callbacks)
+        if run.plan is not None:
+            log.info("memory plan for task %d: %s", len(learned), run.plan.to_dict())
         with self._lock:
-            running.trainer, running.telemetry = trainer, telemetry
+            running.trainer, running.telemetry = run.trainer, run.telemetry
             if running.cancelled or self._stopping.is_set():
-                trainer.request_stop()
+                run.trainer.request_stop()
         running.progress.begin_task(task.id, position, epochs_done)
-        trainer.fit(resume_from=resume_from)
-        record = trainer.records[-1]
+        results = run.fit()
+        record = run.trainer.records[-1]
         self.store.mark_learned(task.id, job.id, record)
         running.progress.end_task()
         self._swap_model()
@@ -452,59 +439,41 @@ class Worker:
             "energy_j": ((record.get("telemetry") or {}).get("task") or {}).get("energy_j"),
             "telemetry": record.get("telemetry"),
             "resumed_after_epoch": epochs_done or None,
-            "memory_plan": plan[1] if plan is not None else None,
+            "memory_plan": results.get("memory_plan"),
             "memory_budget": record.get("memory_budget"),
         }
 
-    def _plan_budget(
-        self, method: Any, config: Any, stream: TaskStream
-    ) -> tuple[Callback, dict[str, Any]] | None:
-        """Fit the task into the profile's memory budget with :mod:`edgecl.budget` (micro-batch, reduction
-        rate, precision; applied to ``config`` and ``method``) and return its guard; None without a budget.
-        ``BudgetError`` (nothing fits: it names the smallest workable budget) fails the job."""
-        prof = self.settings.profile
-        if prof.memory_budget_mb is None:
-            return None
-        try:
-            budget = importlib.import_module("edgecl.budget")
-        except ImportError as err:
-            log.warning(
-                "no memory planner (%s): training without enforcing the %s MB budget",
-                err,
-                prof.memory_budget_mb,
-            )
-            return None
-        task = stream.tasks[-1]
-        plan = budget.Planner(method, config, prof, stream=stream, task_index=task.index).plan()
-        plan.apply(config, method)
-        summary = {
-            k: getattr(plan, k, None)
-            for k in (
-                "budget_mb",
-                "memory_scope",
-                "micro_batch_size",
-                "accumulation_steps",
-                "reduction_rate",
-                "precision",
-                "eval_batch_size",
-                "predicted_peak_mb",
-                "idle_baseline_mb",
-                "planning_seconds",
-            )
-        }
-        log.info("memory plan for task %d: %s", task.index, summary)
-        return budget.BudgetGuard(plan), summary
+    def run_spec(
+        self, job: JobRecord, method_options: dict[str, Any], checkpoint_dir: Path, resume: Path | None
+    ) -> RunSpec:
+        """The :class:`~edgecl.runner.RunSpec` of one task of ``job``: the profile's backbone, schedule,
+        telemetry and budget, the job's options, the store's model and checkpoint folders."""
+        from edgecl.runner import RunSpec
 
-    def _telemetry_callback(self) -> Callback | None:
-        mod = self._telemetry_module
-        if mod is None:
-            return None
-        prof = self.settings.profile
-        try:
-            if prof.telemetry_backends:
-                backends = mod.detect_backends(list(prof.telemetry_backends))
-                return mod.TelemetryCallback(backends=backends, period_s=prof.sampler_period_s)  # type: ignore
-            return mod.TelemetryCallback(period_s=prof.sampler_period_s)  # type: ignore[no-any-return]
-        except Exception as err:
-            log.warning("telemetry disabled for this task: %s", err)
-            return None
+        prof, opts = self.settings.profile, job.options
+        return RunSpec(
+            method=job.method,
+            method_options=dict(method_options),
+            data=f"edgecl-store:{self.store.root}",
+            tasks=len(self.store.learned_tasks()) + 1,
+            backbone=prof.backbone,
+            weights=prof.weights,
+            img_size=prof.img_size,
+            patch_size=prof.patch_size,
+            epochs=int(opts["epochs"]),
+            batch_size=int(opts["batch_size"]),
+            micro_batch_size=opts.get("micro_batch_size"),
+            seed=int(opts.get("seed", 0)),
+            device=self.settings.device,
+            precision=str(opts.get("precision", "fp32")),
+            threads=prof.threads,
+            eval_batch_size=prof.eval_batch_size,
+            checkpoint_dir=str(checkpoint_dir),
+            model_dir=str(self.store.model_dir),
+            resume=str(resume) if resume is not None else None,
+            sampler_period_s=prof.sampler_period_s,
+            telemetry_backends=list(prof.telemetry_backends),
+            telemetry=self._telemetry_module is not None,
+            memory_budget_mb=prof.memory_budget_mb,
+            profile=prof.source or None,
+        )
