@@ -247,8 +247,14 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
 
 def wait_job(client: httpx.Client, job_id: int, timeout: float = 300.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
+    job: Any = None
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        try:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+        except httpx.TransportError as err:  # a kept-alive connection closed under heavy load: poll again
+            job = f"{type(err).__name__}: {err}"
+            time.sleep(0.5)
+            continue
         if job["status"] in ("done", "failed", "cancelled"):
             return job  # type: ignore[no-any-return]
         time.sleep(0.5)
