@@ -117,11 +117,20 @@ class TaskView(_Open):
     accuracy: float | None = Field(description="accuracy over the classes seen when it was learned")
 
 
+class DuplicateMember(BaseModel):
+    """A member dropped because another member of its class has the same bytes."""
+
+    member: str
+    same_as: str
+
+
 class TaskUploaded(TaskView):
     """Answer of ``POST /v1/tasks`` (201)."""
 
     auto_job_id: int | None = Field(description="the job queued by auto_train=true")
     warnings: list[str]
+    duplicates: list[DuplicateMember] = Field(default_factory=list, description="dropped (at most 50 listed)")
+    duplicates_not_listed: int | None = Field(default=None, description="dropped duplicates beyond the 50")
     seconds: float = Field(description="time to receive, validate and store the upload")
 
 

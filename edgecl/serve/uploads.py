@@ -76,6 +76,10 @@ def ingest_form(ctx: ServeContext, form: FormData) -> tuple[TaskRecord, int | No
     labels_raw = form.get("labels")
     labels_text = labels_raw if isinstance(labels_raw, str) else None
     limits = ctx.settings.limits
+    known = None
+    if not ctx.settings.allow_known_classes:  # refused before any image is decoded
+        with ctx.store.connect() as conn:
+            known = {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, task_id FROM task_classes")}
     staging = ctx.store.new_staging_dir()
     try:
         kind = "image"
@@ -86,16 +90,19 @@ def ingest_form(ctx: ServeContext, form: FormData) -> tuple[TaskRecord, int | No
         if kind != "image":
             if labels_text:
                 raise UploadRejected("'labels' is for image uploads; an archive's folders are its labels")
-            ingested = ingest_archive(uploads[0].file, staging, limits, eval_fraction, kind=kind)
+            ingested = ingest_archive(
+                uploads[0].file, staging, limits, eval_fraction, kind=kind, known_classes=known
+            )
         else:
             names = [safe_display_name(u.filename) for u in uploads]
-            labels = parse_labels(labels_text, names, limits.max_label_length)
+            labels = parse_labels(labels_text, names, limits.max_label_length, limits.max_labels_bytes)
             ingested = ingest_images(
                 [(n, u.file) for n, u in zip(names, uploads, strict=True)],
                 labels,
                 staging,
                 limits,
                 eval_fraction,
+                known_classes=known,
             )
         if not name:
             name = safe_display_name(uploads[0].filename).split(".")[0] if singles else "task"

@@ -84,7 +84,9 @@ async def upload_task(request: Request, ctx: Ctx) -> dict[str, object]:
     seconds = time.perf_counter() - t0
     ctx.metrics.upload("accepted", task.num_images, seconds)
     body = await anyio.to_thread.run_sync(task_view, ctx, task)
-    body.update(auto_job_id=job_id, warnings=ingested.warnings, seconds=round(seconds, 3))
+    body.update(
+        auto_job_id=job_id, warnings=ingested.warnings, **ingested.report(), seconds=round(seconds, 3)
+    )
     log.info(
         "task %s stored: %d images, classes %s (%.2f s)", task.id, task.num_images, task.classes, seconds
     )
