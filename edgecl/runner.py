@@ -12,6 +12,9 @@ A :class:`RunSpec` is JSON (a subprocess can receive it). What JSON cannot carry
   ``expected_tasks`` is not defaulted to its length;
 * ``backbone=``: an already-loaded :class:`~edgecl.backbone.FrozenViT` (the daemon keeps one for its whole
   life), instead of loading ``spec.backbone``/``spec.weights``;
+* ``profile=``: a resolved :class:`~edgecl.profiles.Profile` for the memory planner (the daemon's, with its
+  flag and environment overrides) instead of loading ``spec.profile``; with a caller's stream the planner
+  probes the stream's last task, the one such a run trains;
 * ``extra_callbacks=``: the caller's own hooks (the daemon's progress to its store, the bench's events).
 
 ``spec.resume`` continues from any checkpoint folder: a mid-task epoch checkpoint (the task resumes at its
