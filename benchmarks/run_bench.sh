@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-benchmarks/results}
 exec .venv/bin/edgecl bench \
-  --methods cps_prompt,coda_prompt,patchdropout,l2p,dualprompt,hash,dpw,iprompt --ablation cps \
+  --methods cps_prompt,coda_prompt,patchdropout,l2p,dualprompt,hash,dpw,iprompt,linear_probe,simplecil --ablation cps \
   --data "$SHARED/datasets/tinyimagenet-100-heldout" \
   --weights "$SHARED/weights/vit_tiny_p8_64_tin100.safetensors" --img-size 64 --patch-size 8 \
   --tasks 5 --num-classes 50 --limit-per-class 30 --test-limit-per-class 50 --epochs 5 \

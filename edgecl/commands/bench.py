@@ -15,8 +15,16 @@ from edgecl.commands.train import add_run_arguments
 
 __all__ = ["register", "run"]
 
-PREFERRED_ORDER = ("cps_prompt", "coda_prompt", "patchdropout", "l2p", "dualprompt")
-"""Order of ``--methods all`` (the paper's table), then the other registered methods sorted."""
+PREFERRED_ORDER = (
+    "cps_prompt",
+    "coda_prompt",
+    "patchdropout",
+    "l2p",
+    "dualprompt",
+    "linear_probe",
+    "simplecil",
+)
+"""Order of ``--methods all``: the paper's table, the two floors (head-only, training-free), the rest."""
 
 _NOT_RUN_ARGS = {"func", "bench_parser", "command"}
 

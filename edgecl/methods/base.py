@@ -142,6 +142,16 @@ class Method(nn.Module):
         """Whether HEAD-phase features may be computed once per task and cached by the trainer."""
         return False
 
+    def closed_form_head(self) -> bool:
+        """Whether the HEAD phase is solved from one pass of cached features (:meth:`fit_head`), no steps."""
+        return False
+
+    def fit_head(self, feats: Tensor, labels: Tensor) -> None:
+        """Set the head in closed form from the current task's full-patch features (``N x D``) and labels.
+
+        Called once per task and process at the first HEAD epoch; idempotent (a resumed task refits)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form head")
+
     # ---- parameters --------------------------------------------------------------------------
     def trainable_parameters(self, phase: Phase) -> list[nn.Parameter]:
         """Parameters the optimizer updates in ``phase`` (frozen ones never appear)."""

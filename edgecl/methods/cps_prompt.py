@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from edgecl.methods.analytic import AnalyticHeadMixin, check_phase2_head
 from edgecl.methods.base import Phase
 from edgecl.methods.coda_prompt import CodaPrompt, CodaPromptConfig
 from edgecl.methods.registry import register_method
@@ -42,6 +43,13 @@ class CpsPromptConfig(CodaPromptConfig):
     phase2_transform: str = "eval"
     """Data transform in phase 2: ``eval`` (deterministic: resize + center crop, so features can be cached
     once per task; an edgecl choice) or ``train`` (the reference's random crop + flip, recomputed)."""
+    phase2_head: str = "sgd"
+    """How phase 2 sets the head: ``sgd`` (the reference's optimiser epochs), ``prototype`` (each new class's
+    row = its normalised mean cached feature: a cosine prototype classifier) or ``ridge`` (ridge regression
+    on one-hot targets from the Gram matrix and class sums accumulated over all tasks, RanPAC-style). The
+    closed-form heads cost one feature pass instead of the phase-2 epochs [edgecl, issue #22]."""
+    ridge_lambda: float = 1.0
+    """λ of the ``ridge`` head, ``(G + λI)⁻¹``; a guess checked on the shared hold-out (RESULTS.md)."""
 
     def validate(self) -> None:
         """Check CPS/DPCT fields."""
@@ -60,10 +68,16 @@ class CpsPromptConfig(CodaPromptConfig):
             raise ValueError(f"phase2_transform must be eval|train, got {self.phase2_transform!r}")
         if self.min_prompt_epochs < 0:
             raise ValueError(f"min_prompt_epochs must be >= 0, got {self.min_prompt_epochs}")
+        check_phase2_head(self.phase2_head, self.ridge_lambda)
+        if self.phase2_head != "sgd" and self.phase2_transform != "eval":
+            raise ValueError(
+                f"phase2_head={self.phase2_head} is fitted from one deterministic feature pass: "
+                f"set phase2_transform=eval (got {self.phase2_transform!r})"
+            )
 
 
 @register_method("cps_prompt")
-class CpsPrompt(CodaPrompt):
+class CpsPrompt(AnalyticHeadMixin, CodaPrompt):
     """CODA-Prompt with critical patch sampling in phase 1 and a head-only phase 2."""
 
     Config = CpsPromptConfig  # type: ignore[assignment]

@@ -447,7 +447,10 @@ class Trainer:
         self._set_lr(epoch)
         self.callbacks.on_epoch_start(self, t, epoch)
         losses = []
-        for x, y, cached in self._epoch_batches(t, epoch, phase):
+        closed_form = phase is Phase.HEAD and self.method.closed_form_head()
+        if closed_form:  # one pass and a solve on the first HEAD epoch of the task, no optimiser steps
+            losses.append(self._closed_form_epoch(t))
+        for x, y, cached in () if closed_form else self._epoch_batches(t, epoch, phase):
             if self._stop.is_set():
                 raise TrainingCancelled(f"cancelled at task {t}, epoch {epoch}, step {self.state.step}")
             self.method.train()
@@ -460,6 +463,17 @@ class Trainer:
         self.save(t, epoch + 1, task_complete=False)
         mean_loss = sum(losses) / max(len(losses), 1)
         self.callbacks.on_epoch_end(self, t, epoch, {"loss": mean_loss, "phase": phase.value})
+
+    def _closed_form_epoch(self, t: int) -> float:
+        """A closed-form HEAD epoch: the first one per task caches and fits; returns the head loss."""
+        first = self._feature_cache is None
+        if first:
+            self._feature_cache = self._build_cache(t)
+        feats, labels = self._feature_cache
+        if first:
+            self.method.fit_head(feats, labels)
+        with torch.no_grad():
+            return float(self.method.head_loss(feats, labels))
 
     def _results(self) -> dict[str, Any]:
         acc = self.accuracy_matrix
