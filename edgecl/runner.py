@@ -252,7 +252,7 @@ def telemetry_callback(spec: RunSpec) -> Callback | None:
 def default_callbacks(spec: RunSpec, telemetry: Callback | None = None) -> list[Callback]:
     """Test-set task-identification accuracy (methods with ``predict_task``), telemetry (``telemetry``, or
     the one ``spec`` asks for; a failing meter is logged, not fatal) and a progress bar (when asked)."""
-    from edgecl.methods.tii import TaskIdentificationCallback
+    from edgecl.train.task_identification import TaskIdentificationCallback
 
     callbacks: list[Callback] = [TaskIdentificationCallback()]
     telemetry = telemetry if telemetry is not None else telemetry_callback(spec)

@@ -22,9 +22,9 @@ from edgecl.methods.dpw import (
     gaussian_logprob,
     resolve_cov,
 )
-from edgecl.methods.tii import TaskIdentificationCallback
 from edgecl.train.callbacks import Callback
 from edgecl.train.model_io import load_model
+from edgecl.train.task_identification import TaskIdentificationCallback
 from edgecl.train.trainer import TrainConfig, Trainer
 
 

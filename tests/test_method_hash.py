@@ -15,9 +15,10 @@ from edgecl.data import synthetic_stream
 from edgecl.methods import Phase, TaskInfo, create_method
 from edgecl.methods.hash import Hash, route
 from edgecl.methods.registry import build_config
-from edgecl.methods.tii import ClassStatsTaskIdentifier, TaskIdentificationCallback
+from edgecl.methods.tii import ClassStatsTaskIdentifier
 from edgecl.train import Callback, TrainConfig, Trainer
 from edgecl.train.model_io import load_model
+from edgecl.train.task_identification import TaskIdentificationCallback
 
 LAYERS = 4  # default prompted blocks 0-3
 TOP_K = 2

@@ -303,7 +303,7 @@ class Hash(Method):
         """TII accuracy on the finished task's *training* images (eval transform), over all seen tasks.
 
         Test-set TII accuracy needs labels the evaluation API does not pass to methods; the trainer
-        callback :class:`~edgecl.methods.tii.TaskIdentificationCallback` adds it to the record.
+        callback :class:`~edgecl.train.task_identification.TaskIdentificationCallback` adds it to the record.
         """
         return dict(self._metrics)
 

@@ -11,29 +11,24 @@ checkpoints hold them. Two classifiers over those statistics:
   (digest §3.2-1). Default.
 * ``ncm`` -- nearest class mean by cosine similarity (no covariance), the cheapest fallback.
 
-:class:`TaskIdentificationCallback` measures TII accuracy on the *test* images of every seen task after
-each task (the method API gives no labels during evaluation) and writes it into the task's record.
+Both are linear in the (for ``ncm`` normalised) feature, so :meth:`ClassStatsTaskIdentifier.fit` solves
+for the class weights once (``Σ⁻¹ μ_c`` for ``lda``) and keeps them as buffers: predicting is one matrix
+product, with nothing left that ONNX lacks an operator for. The trainer callback that measures TII
+accuracy lives in :mod:`edgecl.train.task_identification` (methods do not import the trainer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
-from edgecl.train.callbacks import Callback
-
-if TYPE_CHECKING:
-    from edgecl.train.trainer import Trainer
 
 __all__ = [
     "TII_KINDS",
     "ClassStatsTaskIdentifier",
     "SupportsTaskIdentification",
-    "TaskIdentificationCallback",
     "collect_features",
 ]
 
@@ -54,6 +49,8 @@ class ClassStatsTaskIdentifier(nn.Module):
 
     Buffers grow with the classes (``grow``); a checkpoint loader must call ``grow(num_classes)`` before
     ``load_state_dict``. Statistics are float64 so pooled scatter over many images stays exact enough.
+    ``class_weight`` / ``class_bias`` are the linear classifier solved from them by :meth:`fit` (a
+    checkpoint without them, written before they existed, gets them solved on load).
     """
 
     def __init__(self, dim: int, kind: str = "lda", shrinkage: float = 0.1) -> None:
@@ -69,11 +66,17 @@ class ClassStatsTaskIdentifier(nn.Module):
         self.register_buffer("class_count", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
         self.register_buffer("scatter", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("class_weight", torch.zeros(0, dim, dtype=torch.float64))
+        self.register_buffer("class_bias", torch.zeros(0, dtype=torch.float64))
 
     class_sum: Tensor
     class_count: Tensor
     class_task: Tensor
     scatter: Tensor
+    class_weight: Tensor
+    """``C x D``: ``Σ⁻¹ μ_c`` (``lda``) or the unit class means (``ncm``); zeros for unfitted slots."""
+    class_bias: Tensor
+    """``C``: ``-½ μ_c·Σ⁻¹ μ_c`` (``lda``) or zeros (``ncm``)."""
 
     @property
     def num_classes(self) -> int:
@@ -93,10 +96,13 @@ class ClassStatsTaskIdentifier(nn.Module):
         self.class_sum = torch.cat([self.class_sum, self.class_sum.new_zeros(extra, self.dim)])
         self.class_count = torch.cat([self.class_count, self.class_count.new_zeros(extra)])
         self.class_task = torch.cat([self.class_task, self.class_task.new_full((extra,), -1)])
+        self.class_weight = torch.cat([self.class_weight, self.class_weight.new_zeros(extra, self.dim)])
+        self.class_bias = torch.cat([self.class_bias, self.class_bias.new_zeros(extra)])
 
     @torch.no_grad()
     def fit(self, feats: Tensor, labels: Tensor, task: int) -> None:
-        """Add the statistics of new classes (global ids ``labels``) that belong to ``task``."""
+        """Add the statistics of new classes (global ids ``labels``) that belong to ``task``, then solve the
+        classifier over all classes once (the pooled covariance changes with every fit)."""
         if feats.dim() != 2 or feats.shape[1] != self.dim or feats.shape[0] != labels.shape[0]:
             raise ValueError(f"expected N x {self.dim} features and N labels, got {tuple(feats.shape)}")
         f = feats.to(self.class_sum.device, torch.float64)
@@ -111,20 +117,33 @@ class ClassStatsTaskIdentifier(nn.Module):
             self.class_count[c] = fc.shape[0]
             self.class_task[c] = task
             self.scatter += centred.T @ centred
+        self.class_weight, self.class_bias = self._solve(self.class_sum, self.class_count, self.scatter)
 
     def class_means(self) -> Tensor:
         """Per-class mean features, ``C x D`` (zeros for unfitted slots)."""
-        return self.class_sum / self.class_count.clamp_min(1.0).unsqueeze(1)
+        return _means(self.class_sum, self.class_count)
 
     def covariance(self) -> Tensor:
         """Pooled within-class covariance shrunk towards ``tr/D · I`` by ``shrinkage`` (plus a tiny ridge)."""
-        n = float(self.class_count.sum())
-        c = int((self.class_count > 0).sum())
-        cov = self.scatter / max(n - c, 1.0)
-        iso = torch.trace(cov) / self.dim
-        eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
-        cov = (1.0 - self.shrinkage) * cov + self.shrinkage * iso * eye
-        return cov + 1e-6 * iso.clamp_min(1e-12) * eye
+        return _covariance(self.class_count, self.scatter, self.shrinkage)
+
+    def _solve(self, class_sum: Tensor, class_count: Tensor, scatter: Tensor) -> tuple[Tensor, Tensor]:
+        """(weight ``C x D``, bias ``C``) of the linear classifier over these statistics."""
+        means = _means(class_sum, class_count)
+        if self.kind == "ncm":
+            return nn.functional.normalize(means, dim=1), means.new_zeros(means.shape[0])
+        pm = torch.linalg.solve(_covariance(class_count, scatter, self.shrinkage), means.T).T  # Σ⁻¹ μ_c
+        return pm, -0.5 * (means * pm).sum(1)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Solve ``class_weight`` / ``class_bias`` for a checkpoint saved before they were buffers."""
+        stats = [prefix + k for k in ("class_sum", "class_count", "scatter")]
+        if prefix + "class_weight" not in state_dict and all(k in state_dict for k in stats):
+            weight, bias = self._solve(*(state_dict[k].to(torch.float64) for k in stats))
+            state_dict[prefix + "class_weight"], state_dict[prefix + "class_bias"] = weight, bias
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def class_scores(self, feats: Tensor) -> Tensor:
@@ -132,12 +151,9 @@ class ClassStatsTaskIdentifier(nn.Module):
         if not self.fitted:
             raise RuntimeError("task identifier has no class statistics yet (end_task was never called)")
         f = feats.to(self.class_sum.device, torch.float64)
-        means = self.class_means()
         if self.kind == "ncm":
-            scores = nn.functional.normalize(f, dim=1) @ nn.functional.normalize(means, dim=1).T
-        else:
-            pm = torch.linalg.solve(self.covariance(), means.T).T  # Σ⁻¹ μ_c, C x D
-            scores = f @ pm.T - 0.5 * (means * pm).sum(1)
+            f = nn.functional.normalize(f, dim=1)
+        scores = f @ self.class_weight.T + self.class_bias
         return scores.masked_fill(self.class_count <= 0, float("-inf"))
 
     def predict_class(self, feats: Tensor) -> Tensor:
@@ -147,6 +163,23 @@ class ClassStatsTaskIdentifier(nn.Module):
     def predict_task(self, feats: Tensor) -> Tensor:
         """Predicted task per feature (the task of the predicted class), ``B``."""
         return self.class_task[self.predict_class(feats)].to(feats.device)
+
+
+def _means(class_sum: Tensor, class_count: Tensor) -> Tensor:
+    """Per-class means (zeros for empty slots)."""
+    return class_sum / class_count.clamp_min(1.0).unsqueeze(1)
+
+
+def _covariance(class_count: Tensor, scatter: Tensor, shrinkage: float) -> Tensor:
+    """Pooled within-class covariance from the scatter, shrunk towards ``tr/D · I``, plus a tiny ridge."""
+    dim = scatter.shape[0]
+    n = float(class_count.sum())
+    c = int((class_count > 0).sum())
+    cov = scatter / max(n - c, 1.0)
+    iso = torch.trace(cov) / dim
+    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+    cov = (1.0 - shrinkage) * cov + shrinkage * iso * eye
+    return cov + 1e-6 * iso.clamp_min(1e-12) * eye
 
 
 @torch.no_grad()
@@ -159,40 +192,3 @@ def collect_features(
         feats.append(extract(x.to(device)).float())
         labels.append(torch.as_tensor(y).to(device))
     return torch.cat(feats), torch.cat(labels)
-
-
-class TaskIdentificationCallback(Callback):
-    """After each task, TII accuracy on the test images of every seen task, written into the task record.
-
-    Keys: ``task_identification_accuracy`` (over all seen test images) and
-    ``task_identification_accuracy_per_task``. Methods without ``predict_task`` are skipped. Uses its own
-    seeded loaders, so the global RNG (and with it exact resume) is untouched.
-    """
-
-    def __init__(self, batch_size: int | None = None) -> None:
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def on_task_end(self, trainer: Trainer, task: int, record: dict[str, Any]) -> None:
-        """Measure TII on tasks ``0..task``'s test sets."""
-        method = trainer.method
-        if not isinstance(method, SupportsTaskIdentification):
-            return
-        was_training = method.training
-        method.eval()
-        per_task, hits, total = [], 0, 0
-        bs = self.batch_size or trainer.config.eval_batch_size
-        for j in range(task + 1):
-            gen = torch.Generator()
-            gen.manual_seed(0)
-            loader = DataLoader(trainer.stream.tasks[j].test, batch_size=bs, shuffle=False, generator=gen)
-            h = n = 0
-            for x, _ in loader:
-                pred = method.predict_task(x.to(trainer.device))
-                h += int((pred.cpu() == j).sum())
-                n += int(pred.shape[0])
-            per_task.append(h / max(n, 1))
-            hits, total = hits + h, total + n
-        record["task_identification_accuracy"] = hits / max(total, 1)
-        record["task_identification_accuracy_per_task"] = per_task
-        method.train(was_training)
