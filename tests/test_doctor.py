@@ -262,13 +262,52 @@ def test_bad_profile_and_budget_fail() -> None:
 
 def test_token_file_modes(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("abc\n")
+    token.write_text("a-long-enough-token\n")
     token.chmod(0o644)
-    assert doctor.check_token(None, str(token), "x").status == WARN
+    readable = doctor.check_token(None, str(token), "x")
+    assert readable.status == FAIL and f"chmod 0600 {token}" in readable.fix
     token.chmod(0o600)
     assert doctor.check_token(None, str(token), "x").status == OK
+    token.write_text("abc\n")
+    short = doctor.check_token(None, str(token), "x")
+    assert short.status == FAIL and "shorter than 16" in short.message
+    assert doctor.check_token("short", None, None).status == FAIL
+    assert doctor.check_token("x" * 16, None, None).status == OK
     assert doctor.check_token(None, None, None).status == WARN
     assert doctor.check_token(None, str(tmp_path / "missing"), "x").status == WARN
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "token").write_text("abc\n")  # what serve reads when no token is configured
+    (data / "token").chmod(0o600)
+    assert doctor.check_token(None, None, None, str(data)).status == FAIL
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ("fifteen-chars-x", 0o600),
+        ("sixteen-chars-xx", 0o600),
+        ("sixteen-chars-xx", 0o640),
+        ("sixteen-chars-xx", 0o604),
+        ("  ", 0o600),
+        ("fifteen-chars-x", 0o644),
+    ],
+)
+def test_doctor_fails_exactly_the_token_files_serve_refuses(tmp_path: Path, text: str, mode: int) -> None:
+    from edgecl.serve.config import resolve_token
+
+    token = tmp_path / "token"
+    token.write_text(text + "\n")
+    token.chmod(mode)
+    try:
+        resolve_token(None, str(token), tmp_path)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    check = doctor.check_token(None, str(token), "x")
+    assert (check.status == FAIL) is (refused is not None), (check, refused)
+    if refused is not None:
+        assert check.message.split(". Fix: ")[0] in refused and check.fix in refused
 
 
 def test_read_env_file(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import logging
 import os
 import secrets
 import shutil
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from edgecl.data.ingest import IngestLimits
 from edgecl.profiles import Profile, load_profile
-from edgecl.settings import SettingLookup, read_env_file
+from edgecl.settings import SettingLookup, check_token_value, read_env_file, read_token_file
 
 __all__ = [
     "DEFAULT_ENV_FILE",
@@ -36,7 +35,6 @@ log = logging.getLogger("edgecl.serve")
 DEFAULT_ENV_FILE = "/etc/edgecl/edgecl.env"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8470
-MIN_TOKEN_LENGTH = 16
 
 
 @dataclass
@@ -132,33 +130,11 @@ def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> 
     """(token, where it came from): ``EDGECL_TOKEN``, else the token file (created 0600 with a random token
     when missing), else ``DATA_DIR/token`` (likewise). The file's path is logged, the token never."""
     if token:
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(
-                f"EDGECL_TOKEN is shorter than {MIN_TOKEN_LENGTH} characters; use a long random token"
-            )
+        check_token_value(token)
         return token, "EDGECL_TOKEN"
     path = Path(token_file).expanduser() if token_file else data_dir / "token"
     if path.exists():
-        try:
-            mode = stat.S_IMODE(path.stat().st_mode)
-            text = path.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise ValueError(
-                f"cannot read the token file {path} ({err.strerror or err}); it must be readable by the user "
-                "running edgecl (sudo chown edgecl FILE; chmod 0600 FILE)"
-            ) from err
-        if not text:
-            raise ValueError(f"token file {path} is empty; delete it to have a new token generated")
-        if len(text) < MIN_TOKEN_LENGTH:
-            raise ValueError(
-                f"the token in {path} is shorter than {MIN_TOKEN_LENGTH} characters; write a long random one:"
-                f" python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}"
-            )
-        if mode & 0o077:
-            raise ValueError(
-                f"token file {path} has mode {mode:04o}: group or other users may read it; "
-                f"run: chmod 0600 {path}"
-            )
+        text = read_token_file(path)
         log.info("bearer token read from %s", path)
         return text, str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
