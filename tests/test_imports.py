@@ -224,7 +224,7 @@ def test_every_module_imports_on_its_own() -> None:
         [sys.executable, "-c", IMPORT_EACH, *_modules()],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         env=env,
         cwd=ROOT,
         check=False,
