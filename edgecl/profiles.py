@@ -22,7 +22,7 @@ __all__ = ["MEMORY_SCOPES", "Profile", "list_profiles", "load_profile", "profile
 
 _PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 _DEVICES = ("auto", "cpu", "cuda")
-_ENGINES = ("torch", "onnxruntime")
+_ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "onnxruntime-fp16")
 MEMORY_SCOPES = ("auto", "rss", "cuda", "unified")
 """What the budget covers: ``rss`` = peak process RSS (CPU), ``cuda`` = peak CUDA allocated (discrete GPU;
 RSS reported separately), ``unified`` = RSS plus CUDA memory (Jetson: CPU and GPU share DRAM), ``auto`` =
@@ -71,7 +71,8 @@ class Profile:
     """Force these telemetry backends (empty = autodetect)."""
     data_dir: str = "/var/lib/edgecl"
     inference_engine: str = "torch"
-    """``torch`` or ``onnxruntime`` for the daemon's predictions."""
+    """The daemon's predictions: ``torch``, ``onnxruntime`` (fp32), ``onnxruntime-int8`` (dynamic int8, the
+    fastest on CPUs) or ``onnxruntime-fp16`` (for GPUs); see README, "ONNX inference"."""
     source: str = ""
     """Where the profile was read from (filled by the loader)."""
 

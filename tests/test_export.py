@@ -25,7 +25,6 @@ from edgecl.backbone import FrozenViT, load_backbone
 from edgecl.cli import main
 from edgecl.data import synthetic_stream, write_synthetic_folder
 from edgecl.export import (
-    NOT_EXPORTABLE,
     PARITY_TOLERANCE,
     ExportError,
     ExportInfo,
@@ -202,12 +201,22 @@ def test_unexportable_method_says_why(zoo: Zoo, name: str) -> None:
     assert not (zoo.root / f"{name}.onnx").exists()
 
 
-def test_not_exportable_list_names_reasons() -> None:
-    for name, reason in NOT_EXPORTABLE.items():
-        assert len(reason) > 40, f"{name}: give the reason, not just a name"
+def test_exportability_is_declared_on_the_method_class() -> None:
+    import edgecl.export as export_pkg
+
+    assert not hasattr(export_pkg, "NOT_EXPORTABLE")  # no name-keyed table
+    assert "dpw" in UNEXPORTABLE and {"cps_prompt", "hash", "coda_prompt"} <= set(EXPORTABLE)
+    for name in METHODS:
+        cls = get_method_class(name)
+        assert exportable_reason(name) == cls.export_problem() == exportable_reason(cls)
+    for name in UNEXPORTABLE:
+        assert len(str(exportable_reason(name))) > 40, f"{name}: give the reason, not just a name"
 
 
 # ---- the generic guards, on toy methods ---------------------------------------------------------
+_SOLVE, _INVERSE = torch.linalg.solve, torch.inverse
+
+
 class _Toy(Method):
     """A head over channel means of the pixels (no backbone pass), with one switchable extra step."""
 
@@ -225,6 +234,8 @@ class _Toy(Method):
             return f * float(x.abs().sum())  # a Python number: frozen at trace time
         if self.mode == "solve_on_buffer":
             return f @ torch.linalg.solve(self.cov, torch.eye(d, dtype=torch.float64)).float()
+        if self.mode == "unpatched":
+            assert torch.linalg.solve is _SOLVE and torch.inverse is _INVERSE, "torch patched while tracing"
         if self.mode == "solve_on_input":
             return torch.linalg.solve(self.cov.float(), f.T).T
         return f
@@ -236,9 +247,16 @@ def _toy_export(zoo: Zoo, mode: str) -> ExportInfo:
     return export_model(model, zoo.root / f"toy-{mode}.onnx")
 
 
-def test_input_independent_solve_is_folded(zoo: Zoo) -> None:
-    info = _toy_export(zoo, "solve_on_buffer")
-    assert info.folded_ops == ("torch.linalg.solve",) and info.parity_max_abs <= PARITY_TOLERANCE
+def test_no_torch_function_is_patched_while_tracing(zoo: Zoo) -> None:
+    info = _toy_export(zoo, "unpatched")
+    assert info.parity_max_abs <= PARITY_TOLERANCE and info.exporter == "torchscript"
+
+
+def test_any_unsupported_op_fails_clearly_even_on_buffers(zoo: Zoo) -> None:
+    """Nothing is folded behind the method's back: it must keep such solves out of its forward (as the Hash
+    task identifier does, with its classifier solved at fit)."""
+    with pytest.raises(ExportError, match="could not be exported to ONNX.*linalg_solve"):
+        _toy_export(zoo, "solve_on_buffer")
 
 
 def test_input_dependent_unsupported_op_fails_clearly(zoo: Zoo) -> None:

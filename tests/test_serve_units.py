@@ -187,7 +187,7 @@ def test_onnxruntime_predictor_runs_the_exported_model(
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    def export_onnx(model: Any, path: Path) -> Path:
+    def export_onnx(model: Any, path: Path, precision: str = "fp32") -> Path:
         """Stand-in export: logits = mean over pixels @ W (3 channels -> 4 head columns)."""
         weight = helper.make_tensor("w", TensorProto.FLOAT, [3, 4], [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0])
         graph = helper.make_graph(
@@ -205,7 +205,13 @@ def test_onnxruntime_predictor_runs_the_exported_model(
         onnx.save(proto, str(path))
         return path
 
-    monkeypatch.setitem(sys.modules, "edgecl.export", types.SimpleNamespace(export_onnx=export_onnx))
+    def session(path: str, threads: int | None, providers: Any) -> Any:
+        import onnxruntime
+
+        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    fake = types.SimpleNamespace(export_onnx=export_onnx, session=session)
+    monkeypatch.setitem(sys.modules, "edgecl.export", fake)
     check_engine("onnxruntime")
     model = types.SimpleNamespace(meta={"task": 1}, class_names=["red", "green", "blue"])
     predictor = OnnxRuntimePredictor(model, tmp_path / "onnx" / "m.onnx")  # type: ignore[arg-type]

@@ -102,6 +102,12 @@ class Method(nn.Module):
     has_phases: ClassVar[bool] = False
     """True for DPCT-style methods whose epochs are split into SPARSE then HEAD."""
 
+    @classmethod
+    def export_problem(cls) -> str | None:
+        """Why this method's inference path cannot be traced into one ONNX graph (``edgecl export``, the
+        daemon's onnxruntime engines), or None when it can. Declared here, on the class, and nowhere else."""
+        return None
+
     def __init__(self, backbone: FrozenViT, cfg: MethodConfig) -> None:
         super().__init__()
         cfg.validate()

@@ -450,6 +450,17 @@ class DPW(Method):
     tii_chol: Tensor
     tii_fitted: Tensor
 
+    @classmethod
+    def export_problem(cls) -> str | None:
+        """DPW's inference routes samples in Python and solves triangular systems on the input features."""
+        return (
+            "DPW's class-incremental inference is data-dependent: it runs a different set of prompted passes "
+            "per sample and batch (ensemble pruning and argmax slot routing decide in Python on tensor "
+            "values, which a traced graph would freeze to the example batch), and its task Gaussians call "
+            "torch.linalg.solve_triangular on the input features, which has no ONNX operator. Serve DPW "
+            "with the torch engine (inference_engine: torch)"
+        )
+
     def __init__(self, backbone: FrozenViT, cfg: DPWConfig) -> None:
         super().__init__(backbone, cfg)
         depth, dim = backbone.depth, backbone.embed_dim

@@ -4,8 +4,10 @@ Two engines implement the same small interface, ``predict(images) -> probabiliti
 
 * :class:`TorchPredictor` runs the loaded method (sharing the frozen backbone with the trainer).
 * :class:`OnnxRuntimePredictor` exports the committed model with :mod:`edgecl.export` and runs it in
-  onnxruntime. That module is imported lazily: a profile asking for ``inference_engine: onnxruntime``
-  without it fails at startup (:func:`check_engine`), a ``torch`` profile never needs it.
+  onnxruntime: fp32 (``inference_engine: onnxruntime``), int8 dynamic-quantised (``onnxruntime-int8``,
+  the fastest on CPUs) or fp16 (``onnxruntime-fp16``, for GPUs). That module is imported lazily: a
+  profile asking for an onnxruntime engine without it fails at startup (:func:`check_engine`), a ``torch``
+  profile never needs it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ __all__ = [
     "check_engine",
 ]
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "onnxruntime", "onnxruntime-int8", "onnxruntime-fp16")
+"""The profile's ``inference_engine`` values (``edgecl.profiles`` lists the same)."""
+_PRECISION = {"onnxruntime": "fp32", "onnxruntime-int8": "int8", "onnxruntime-fp16": "fp16"}
 
 
 class Predictor(Protocol):
@@ -84,21 +88,23 @@ class TorchPredictor:
 
 
 class OnnxRuntimePredictor:
-    """The committed model exported to ONNX (by :mod:`edgecl.export`) and run with onnxruntime."""
+    """The committed model exported to ONNX (by :mod:`edgecl.export`, in ``precision``) and run with
+    onnxruntime."""
 
-    engine = "onnxruntime"
-
-    def __init__(self, model: LoadedModel, onnx_path: Path, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
+    def __init__(
+        self,
+        model: LoadedModel,
+        onnx_path: Path,
+        providers: list[str] | None = None,
+        precision: str = "fp32",
+    ) -> None:
         export = load_export_module()
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
-        path = Path(export.export_onnx(model, onnx_path) or onnx_path)
-        available = ort.get_available_providers()
-        wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        chosen = [p for p in wanted if p in available]
-        self.session = ort.InferenceSession(str(path), providers=chosen or available)
+        path = Path(export.export_onnx(model, onnx_path, precision=precision) or onnx_path)
+        self.session = export.session(str(path), None, providers)
         self.input_name = self.session.get_inputs()[0].name
+        self.engine = "onnxruntime" if precision == "fp32" else f"onnxruntime-{precision}"
+        self.precision = precision
         self.version = model_version(model.meta)
         self.class_names = list(model.class_names)
         self.meta = model.meta
@@ -112,7 +118,8 @@ class OnnxRuntimePredictor:
 
 
 def load_export_module() -> Any:
-    """``edgecl.export``, which must provide ``export_onnx(model: LoadedModel, path) -> path``."""
+    """``edgecl.export``, which must provide ``export_onnx(model, path, precision=...) -> path`` and
+    ``session(path, threads, providers)``."""
     try:
         module = importlib.import_module("edgecl.export")
     except ModuleNotFoundError as err:
@@ -122,9 +129,10 @@ def load_export_module() -> Any:
             "the profile sets inference_engine: onnxruntime, but ONNX export is not available "
             f"({err}); install an edgecl with edgecl/export.py, or set inference_engine: torch in the profile"
         ) from err
-    if not callable(getattr(module, "export_onnx", None)):
+    missing = [name for name in ("export_onnx", "session") if not callable(getattr(module, name, None))]
+    if missing:
         raise RuntimeError(
-            "edgecl.export has no export_onnx(model, path) function, which inference_engine: onnxruntime "
+            f"edgecl.export has no {' or '.join(missing)} function, which inference_engine: onnxruntime "
             "needs; set inference_engine: torch in the profile"
         )
     return module
@@ -134,12 +142,12 @@ def check_engine(engine: str) -> None:
     """Fail early (at startup) when ``engine`` cannot work on this installation."""
     if engine not in ENGINES:
         raise ValueError(f"inference_engine must be one of {list(ENGINES)}, got {engine!r}")
-    if engine == "onnxruntime":
+    if engine in _PRECISION:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as err:
             raise RuntimeError(
-                f"the profile sets inference_engine: onnxruntime but onnxruntime cannot be imported ({err}); "
+                f"the profile sets inference_engine: {engine} but onnxruntime cannot be imported ({err}); "
                 "pip install onnxruntime (onnxruntime-gpu on a Jetson), or use inference_engine: torch"
             ) from err
         load_export_module()
@@ -152,10 +160,12 @@ def build_predictor(
     from edgecl.train.model_io import load_model
 
     model = load_model(model_dir, backbone=backbone, device=device)
-    if engine == "onnxruntime":
+    if engine in _PRECISION:
         folder = onnx_dir or model_dir.parent / "onnx"
-        target = folder / f"model-v{model_version(model.meta)}.onnx"
-        predictor = OnnxRuntimePredictor(model, target)
+        precision = _PRECISION[engine]
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        target = folder / f"model-v{model_version(model.meta)}{suffix}.onnx"
+        predictor = OnnxRuntimePredictor(model, target, precision=precision)
         for old in folder.glob("model-v*.onnx*"):  # earlier versions (a running session keeps its inode)
             if old.name != predictor.path.name and not old.name.startswith(predictor.path.name):
                 old.unlink(missing_ok=True)
