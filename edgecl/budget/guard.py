@@ -84,12 +84,13 @@ class BudgetGuard(Callback):
         return rss_mb() + cuda_mb("reserved", self._device)
 
     def peak_mb(self) -> float:
-        """The budgeted quantity's high-water mark (process lifetime)."""
+        """The budgeted quantity's high-water mark (process lifetime: the telemetry's per-region resets of
+        torch's CUDA peak statistics go through ``reset_cuda_peaks``, which keeps it)."""
         if self.scope == "rss":
             return peak_rss_mb()
         if self.scope == "cuda":
-            return cuda_mb("max_allocated", self._device)
-        return peak_rss_mb() + cuda_mb("max_reserved", self._device)
+            return cuda_mb("lifetime_max_allocated", self._device)
+        return peak_rss_mb() + cuda_mb("lifetime_max_reserved", self._device)
 
     def summary(self) -> dict[str, Any]:
         """What the guard saw (stored in results as ``memory_budget``)."""
@@ -103,7 +104,7 @@ class BudgetGuard(Callback):
             "violations": self.violations,
         }
         if self._device.type == "cuda":
-            out["peak_cuda_allocated_mb"] = round(cuda_mb("max_allocated", self._device), 1)
+            out["peak_cuda_allocated_mb"] = round(cuda_mb("lifetime_max_allocated", self._device), 1)
         if self.plan is not None:
             out["predicted_peak_mb"] = round(self.plan.predicted_peak_mb, 1)
         return out

@@ -17,6 +17,7 @@ __all__ = [
     "cuda_mb",
     "hwm_rss_mb",
     "peak_rss_mb",
+    "reset_cuda_peaks",
     "reset_peak_rss",
     "rss_breakdown_mb",
     "rss_mb",
@@ -94,9 +95,15 @@ def reset_peak_rss() -> bool:
 
 
 def cuda_mb(kind: str, device: torch.device) -> float:
-    """``allocated``/``reserved`` (current) or ``max_allocated``/``max_reserved`` CUDA memory, MB."""
+    """``allocated``/``reserved`` (now), ``max_allocated``/``max_reserved`` (since the last peak reset) or
+    ``lifetime_max_allocated``/``lifetime_max_reserved`` (the process's peak, across every
+    :func:`reset_cuda_peaks`) CUDA memory, MB."""
     import torch
 
+    if kind.startswith("lifetime_max_"):
+        from edgecl.telemetry.backends.torch_cuda import cuda_lifetime_peak_mb
+
+        return cuda_lifetime_peak_mb(kind.removeprefix("lifetime_max_"), device)
     fn = {
         "allocated": torch.cuda.memory_allocated,
         "reserved": torch.cuda.memory_reserved,
@@ -104,3 +111,11 @@ def cuda_mb(kind: str, device: torch.device) -> float:
         "max_reserved": torch.cuda.max_memory_reserved,
     }[kind]
     return float(fn(device)) / MIB
+
+
+def reset_cuda_peaks(device: torch.device) -> None:
+    """Reset torch's CUDA peak statistics, remembering the peak so far for ``cuda_mb("lifetime_max_*")``
+    (the CUDA twin of :func:`reset_peak_rss`; one implementation, in the torch_cuda telemetry backend)."""
+    from edgecl.telemetry.backends.torch_cuda import reset_cuda_peaks as reset
+
+    reset(device)
