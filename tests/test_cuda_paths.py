@@ -5,8 +5,9 @@
   of two and unscaling again is exact, so it must give the fp32 run's tensors; an inf loss must skip that
   step and halve the scale.
 * ``torch.cuda.reset_peak_memory_stats`` is process-wide: the telemetry meters reset it per region, so the
-  budget guard, which read ``max_memory_allocated``, reported the last region's peak as the run's. Stand-in
-  ``torch.cuda`` functions (the same peak-since-reset semantics) show the guard keeps the true peak.
+  budget guard, which read ``max_memory_allocated``, reported the last region's peak as the run's (and,
+  without telemetry, the planner probes' peak). Stand-in ``torch.cuda`` functions (the same
+  peak-since-reset semantics) show the guard now reports the run's true peak.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class FakeCuda:
         self.peak = max(self.peak, self.allocated)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(torch_cuda_module, "_FOLDED_MB", {})
+        monkeypatch.setattr(torch_cuda_module, "_WATCHES", set())
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.allocated)
@@ -107,7 +108,10 @@ def test_budget_guard_keeps_the_cuda_peak_across_telemetry_resets(monkeypatch: p
     cuda.install(monkeypatch)
     guard = BudgetGuard(500.0, memory_scope="cuda", in_step=False)
     trainer = SimpleNamespace(device=torch.device("cuda"), state=SimpleNamespace(adaptations=[]))
+    cuda.use(2000.0)  # a planner probe before the run: not the run's peak
+    cuda.use(50.0)
     guard.on_run_start(trainer)  # type: ignore[arg-type]
+    assert guard.peak_mb() == 50.0
     cuda.use(900.0)  # a step over the budget
     cuda.use(100.0)
     TorchCudaBackend(device="cuda").reset_peaks()  # the telemetry opens its next region
@@ -118,3 +122,5 @@ def test_budget_guard_keeps_the_cuda_peak_across_telemetry_resets(monkeypatch: p
     assert summary["within_budget"] is False
     cuda.use(950.0)
     assert guard.peak_mb() == 950.0  # and a later, higher peak still counts
+    guard.on_run_end(trainer, results := {})  # type: ignore[arg-type]
+    assert results["memory_budget"]["peak_mb"] == 950.0 and not torch_cuda_module._WATCHES

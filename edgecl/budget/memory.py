@@ -95,15 +95,10 @@ def reset_peak_rss() -> bool:
 
 
 def cuda_mb(kind: str, device: torch.device) -> float:
-    """``allocated``/``reserved`` (now), ``max_allocated``/``max_reserved`` (since the last peak reset) or
-    ``lifetime_max_allocated``/``lifetime_max_reserved`` (the process's peak, across every
-    :func:`reset_cuda_peaks`) CUDA memory, MB."""
+    """``allocated``/``reserved`` (now) or ``max_allocated``/``max_reserved`` (since the last peak reset)
+    CUDA memory, MB (a peak across resets: :class:`~edgecl.telemetry.backends.torch_cuda.CudaPeakWatch`)."""
     import torch
 
-    if kind.startswith("lifetime_max_"):
-        from edgecl.telemetry.backends.torch_cuda import cuda_lifetime_peak_mb
-
-        return cuda_lifetime_peak_mb(kind.removeprefix("lifetime_max_"), device)
     fn = {
         "allocated": torch.cuda.memory_allocated,
         "reserved": torch.cuda.memory_reserved,
@@ -114,8 +109,8 @@ def cuda_mb(kind: str, device: torch.device) -> float:
 
 
 def reset_cuda_peaks(device: torch.device) -> None:
-    """Reset torch's CUDA peak statistics, remembering the peak so far for ``cuda_mb("lifetime_max_*")``
-    (the CUDA twin of :func:`reset_peak_rss`; one implementation, in the torch_cuda telemetry backend)."""
+    """Reset torch's CUDA peak statistics, folding the peak so far into every running ``CudaPeakWatch``
+    (one implementation, in the torch_cuda telemetry backend, which resets per measured region)."""
     from edgecl.telemetry.backends.torch_cuda import reset_cuda_peaks as reset
 
     reset(device)

@@ -2,8 +2,8 @@
 
 ``torch.cuda.reset_peak_memory_stats`` is process-wide: the telemetry meters reset it per region, the
 memory planner per probe, while the budget guard needs the run's peak. Every reset in edgecl goes through
-:func:`reset_cuda_peaks`, which remembers the peak so far, so :func:`cuda_lifetime_peak_mb` stays the
-process's true peak (as :func:`edgecl.budget.memory.peak_rss_mb` does for RSS).
+:func:`reset_cuda_peaks`, which first folds the peak so far into each running :class:`CudaPeakWatch`, so a
+watch's peak is the true peak since it started.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from edgecl.telemetry.backends.base import (
     _caps,
 )
 
-_FOLDED_MB: dict[tuple[int, str], float] = {}
-"""(device index, ``allocated``/``reserved``) -> the highest peak seen before a :func:`reset_cuda_peaks`."""
+_WATCHES: set[CudaPeakWatch] = set()
+"""The watches running now; :func:`reset_cuda_peaks` folds the peak so far into each before resetting."""
+_KINDS = ("allocated", "reserved")
 
 
 def _index(device: Any) -> int:
@@ -35,34 +36,55 @@ def _index(device: Any) -> int:
     return int(dev.index) if dev.index is not None else int(torch.cuda.current_device())
 
 
+def _max_mb(kind: str, index: int) -> float:
+    """``torch.cuda.max_memory_allocated`` or ``max_memory_reserved`` of device ``index``, MiB."""
+    import torch
+
+    read = torch.cuda.max_memory_allocated if kind == "allocated" else torch.cuda.max_memory_reserved
+    return float(read(index)) / _MIB
+
+
 def reset_cuda_peaks(device: Any = None) -> None:
-    """``torch.cuda.reset_peak_memory_stats(device)``, after folding the peaks so far into the lifetime
-    peaks that :func:`cuda_lifetime_peak_mb` reports."""
+    """``torch.cuda.reset_peak_memory_stats(device)``, after folding the peaks so far into every running
+    :class:`CudaPeakWatch` of that device (so their peaks survive the reset)."""
     import torch
 
     index = _index(device)
-    for kind, peak in (
-        ("allocated", torch.cuda.max_memory_allocated(index)),
-        ("reserved", torch.cuda.max_memory_reserved(index)),
-    ):
-        _FOLDED_MB[(index, kind)] = max(_FOLDED_MB.get((index, kind), 0.0), float(peak) / _MIB)
+    for watch in [w for w in _WATCHES if w.index == index]:
+        watch.fold()
     torch.cuda.reset_peak_memory_stats(index)
 
 
-def cuda_lifetime_peak_mb(kind: str, device: Any = None) -> float:
-    """The process's peak ``allocated`` or ``reserved`` CUDA memory in MiB, across every
-    :func:`reset_cuda_peaks` (the peak since the last reset alone is ``torch.cuda.max_memory_*``)."""
-    import torch
+class CudaPeakWatch:
+    """The peak CUDA memory of one device since :meth:`start`, across any :func:`reset_cuda_peaks` in
+    between (the budget guard's run peak, while the telemetry resets torch's statistics per region)."""
 
-    if kind not in ("allocated", "reserved"):
-        raise ValueError(f"kind must be 'allocated' or 'reserved', got {kind!r}")
-    index = _index(device)
-    now = (
-        torch.cuda.max_memory_allocated(index)
-        if kind == "allocated"
-        else torch.cuda.max_memory_reserved(index)
-    )
-    return max(_FOLDED_MB.get((index, kind), 0.0), float(now) / _MIB)
+    def __init__(self, device: Any = None) -> None:
+        self.index = _index(device)
+        self._folded = dict.fromkeys(_KINDS, 0.0)
+
+    def start(self) -> CudaPeakWatch:
+        """Reset torch's peaks (through :func:`reset_cuda_peaks`) and watch from now on."""
+        reset_cuda_peaks(self.index)
+        self._folded = dict.fromkeys(_KINDS, 0.0)
+        _WATCHES.add(self)
+        return self
+
+    def fold(self) -> None:
+        """Remember torch's peaks so far (called before every reset while watching)."""
+        for kind in _KINDS:
+            self._folded[kind] = max(self._folded[kind], _max_mb(kind, self.index))
+
+    def peak_mb(self, kind: str = "allocated") -> float:
+        """Peak ``allocated`` or ``reserved`` MiB since :meth:`start`."""
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be 'allocated' or 'reserved', got {kind!r}")
+        return max(self._folded[kind], _max_mb(kind, self.index))
+
+    def stop(self) -> None:
+        """Stop watching (resets no longer fold into this watch; :meth:`peak_mb` still answers)."""
+        self.fold()
+        _WATCHES.discard(self)
 
 
 class TorchCudaBackend(Backend):
