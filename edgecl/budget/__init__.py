@@ -41,6 +41,7 @@ _EXPORTS = {
     "cuda_mb": "edgecl.budget.memory",
     "hwm_rss_mb": "edgecl.budget.memory",
     "peak_rss_mb": "edgecl.budget.memory",
+    "reset_cuda_peaks": "edgecl.budget.memory",
     "reset_peak_rss": "edgecl.budget.memory",
     "rss_breakdown_mb": "edgecl.budget.memory",
     "rss_mb": "edgecl.budget.memory",

@@ -21,6 +21,7 @@ from torch import nn
 from edgecl.budget.allocator import at_epoch_boundary, at_step_boundary, trim_allocator
 from edgecl.budget.memory import cuda_mb, peak_rss_mb, rss_mb
 from edgecl.budget.plan import Plan
+from edgecl.telemetry.backends.torch_cuda import CudaPeakWatch
 from edgecl.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class BudgetGuard(Callback):
         self._seen_adaptations = 0
         self._flagged: dict[str, int] | None = None
         self._checked_at = 0.0
+        self._cuda_watch: CudaPeakWatch | None = None
 
     # ---- measurements --------------------------------------------------------------------------------
     def usage_mb(self) -> float:
@@ -84,12 +86,19 @@ class BudgetGuard(Callback):
         return rss_mb() + cuda_mb("reserved", self._device)
 
     def peak_mb(self) -> float:
-        """The budgeted quantity's high-water mark (process lifetime)."""
+        """The budgeted quantity's high-water mark: RSS over the process lifetime; CUDA since the run started,
+        across the telemetry's per-region resets of torch's peak statistics (a :class:`CudaPeakWatch`)."""
         if self.scope == "rss":
             return peak_rss_mb()
         if self.scope == "cuda":
-            return cuda_mb("max_allocated", self._device)
-        return peak_rss_mb() + cuda_mb("max_reserved", self._device)
+            return self._cuda_peak("allocated")
+        return peak_rss_mb() + self._cuda_peak("reserved")
+
+    def _cuda_peak(self, kind: str) -> float:
+        """Peak CUDA ``kind`` MB since :meth:`on_run_start` (torch's since-reset peak before that)."""
+        if self._cuda_watch is None:
+            return cuda_mb(f"max_{kind}", self._device)
+        return self._cuda_watch.peak_mb(kind)
 
     def summary(self) -> dict[str, Any]:
         """What the guard saw (stored in results as ``memory_budget``)."""
@@ -103,7 +112,7 @@ class BudgetGuard(Callback):
             "violations": self.violations,
         }
         if self._device.type == "cuda":
-            out["peak_cuda_allocated_mb"] = round(cuda_mb("max_allocated", self._device), 1)
+            out["peak_cuda_allocated_mb"] = round(self._cuda_peak("allocated"), 1)
         if self.plan is not None:
             out["predicted_peak_mb"] = round(self.plan.predicted_peak_mb, 1)
         return out
@@ -170,6 +179,8 @@ class BudgetGuard(Callback):
         """Attach to the trainer, note the starting peak and install the in-step checks."""
         self._trainer = trainer
         self._device = trainer.device
+        if self._device.type == "cuda":  # the run's peak, not the planner probes' before it
+            self._cuda_watch = CudaPeakWatch(self._device).start()
         self._seen_adaptations = len(trainer.state.adaptations)
         self._last_peak = self.peak_mb()
         if self.in_step:
@@ -222,9 +233,13 @@ class BudgetGuard(Callback):
         """Remove the hooks and store the summary in the results."""
         self._remove()
         results["memory_budget"] = self.summary()
+        if self._cuda_watch is not None:
+            self._cuda_watch.stop()
         if self.plan is not None:
             results.setdefault("memory_plan", self.plan.to_dict())
 
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
-        """Remove the hooks."""
+        """Remove the hooks (and stop watching the CUDA peak)."""
         self._remove()
+        if self._cuda_watch is not None:
+            self._cuda_watch.stop()

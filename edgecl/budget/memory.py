@@ -17,6 +17,7 @@ __all__ = [
     "cuda_mb",
     "hwm_rss_mb",
     "peak_rss_mb",
+    "reset_cuda_peaks",
     "reset_peak_rss",
     "rss_breakdown_mb",
     "rss_mb",
@@ -94,7 +95,8 @@ def reset_peak_rss() -> bool:
 
 
 def cuda_mb(kind: str, device: torch.device) -> float:
-    """``allocated``/``reserved`` (current) or ``max_allocated``/``max_reserved`` CUDA memory, MB."""
+    """``allocated``/``reserved`` (now) or ``max_allocated``/``max_reserved`` (since the last peak reset)
+    CUDA memory, MB (a peak across resets: :class:`~edgecl.telemetry.backends.torch_cuda.CudaPeakWatch`)."""
     import torch
 
     fn = {
@@ -104,3 +106,11 @@ def cuda_mb(kind: str, device: torch.device) -> float:
         "max_reserved": torch.cuda.max_memory_reserved,
     }[kind]
     return float(fn(device)) / MIB
+
+
+def reset_cuda_peaks(device: torch.device) -> None:
+    """Reset torch's CUDA peak statistics, folding the peak so far into every running ``CudaPeakWatch``
+    (one implementation, in the torch_cuda telemetry backend, which resets per measured region)."""
+    from edgecl.telemetry.backends.torch_cuda import reset_cuda_peaks as reset
+
+    reset(device)

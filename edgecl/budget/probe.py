@@ -19,7 +19,15 @@ import torch
 from torch import Tensor
 
 from edgecl.budget.allocator import trim_allocator
-from edgecl.budget.memory import MIB, cuda_mb, hwm_rss_mb, reset_peak_rss, rss_breakdown_mb, rss_mb
+from edgecl.budget.memory import (
+    MIB,
+    cuda_mb,
+    hwm_rss_mb,
+    reset_cuda_peaks,
+    reset_peak_rss,
+    rss_breakdown_mb,
+    rss_mb,
+)
 from edgecl.methods.base import Method, Phase, TaskInfo, describe_config
 from edgecl.methods.registry import create_method
 
@@ -139,7 +147,7 @@ class Prober:
         trim_allocator()
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            reset_cuda_peaks(self.device)
         return reset_peak_rss()
 
     def _deltas(self, reset_ok: bool, sampled: float) -> dict[str, float]:

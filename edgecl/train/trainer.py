@@ -93,6 +93,8 @@ class TrainState:
     last_loss: float | None = None
     micro_batch_size: int | None = None
     adaptations: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    """fp16 steps the gradient scaler skipped (an inf/NaN gradient: the loss scale was halved instead)."""
 
 
 class Trainer:
@@ -118,6 +120,8 @@ class Trainer:
         self._stop = threading.Event()
         self.optimizer: torch.optim.Optimizer | None = None
         self._feature_cache: tuple[Tensor, Tensor] | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        """fp16's loss scaler (None in fp32/bf16, whose range needs none); made by :meth:`fit`."""
         self.method.to(self.device)
 
     # ---- control -----------------------------------------------------------------------------
@@ -161,6 +165,12 @@ class Trainer:
         problem = autocast_problem(self.device, self.config.precision)
         if problem:
             raise ValueError(problem)
+
+    def _make_scaler(self) -> torch.amp.GradScaler | None:
+        """A gradient scaler for fp16 autocast (small fp16 gradients underflow to 0 without one)."""
+        if self.config.precision != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device.type)
 
     def _loader(self, dataset: Dataset[Any], shuffle: bool, batch_size: int, seed: int) -> DataLoader[Any]:
         gen = torch.Generator()
@@ -213,7 +223,8 @@ class Trainer:
                             if cached
                             else self.method.training_loss(xs, ys, phase)
                         )
-                    (loss * (xs.shape[0] / n)).backward()
+                    part = loss * (xs.shape[0] / n)
+                    (self.scaler.scale(part) if self.scaler is not None else part).backward()
                     total += float(loss.detach()) * xs.shape[0] / n
                 break
             except torch.OutOfMemoryError as err:  # also a budget guard's BudgetExceeded
@@ -226,10 +237,21 @@ class Trainer:
                     micro // 2, str(err).splitlines()[0] if str(err) else "out of memory"
                 )
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = self.scaler if params else None  # no gradient: nothing to unscale or check
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         clip = self.method.cfg.clip_grad
         if clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
+            scaler.update()
+            if scaler.get_scale() < scale:
+                self.state.skipped_steps += 1
+                return total
+        else:
+            self.optimizer.step()
         self.method.after_optimizer_step()
         return total
 
@@ -303,6 +325,8 @@ class Trainer:
                 "global_step": self.state.global_step,
                 "micro_batch_size": self.state.micro_batch_size,
                 "adaptations": self.state.adaptations,
+                "skipped_steps": self.state.skipped_steps,
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             },
         }
 
@@ -346,6 +370,9 @@ class Trainer:
         self.state.global_step = int(st.get("global_step", 0))
         self.state.micro_batch_size = st.get("micro_batch_size", self.state.micro_batch_size)
         self.state.adaptations = list(st.get("adaptations", []))
+        self.state.skipped_steps = int(st.get("skipped_steps", 0))
+        if self.scaler is not None and st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
         t, done = int(meta["task"]), int(meta["epochs_done"])
         self.callbacks.on_load_checkpoint(self, meta)
         if meta["task_complete"]:
@@ -377,6 +404,7 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         """Train every task of the stream (continuing from ``resume_from`` when given); return results."""
         start_task, start_epoch = 0, 0
+        self.scaler = self._make_scaler()
         if resume_from is not None:
             start_task, start_epoch = self._restore(resume_from)
         n_tasks = len(self.stream.tasks)
@@ -489,5 +517,10 @@ class Trainer:
             **summarize(acc),
             "tasks": self.records,
             "adaptations": self.state.adaptations,
+            "grad_scaler": (
+                {"scale": self.scaler.get_scale(), "skipped_steps": self.state.skipped_steps}
+                if self.scaler is not None
+                else None
+            ),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
