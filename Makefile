@@ -5,13 +5,28 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SHARED ?= ../shared
 
-.PHONY: setup demo test test-fast lint check-budget check-deploy clean
+.PHONY: setup lock demo test test-fast test-random test-threads lint check-budget check-deploy clean
 
-$(STAMP): pyproject.toml constraints.txt
+# On x86_64 with Python 3.11 (this project's CI) setup installs the exact lock; elsewhere (a Jetson's L4T
+# torch, another Python) it resolves pyproject's ranges. `make lock` refreshes the lock after a dependency change.
+LOCK      := requirements-dev.lock
+LOCKABLE  := $(shell test "$$(uname -m)" = x86_64 && $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && echo yes)
+RANDOM_SEEDS ?= 1 2 3
+
+$(STAMP): pyproject.toml constraints.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(LOCKABLE),yes)
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+else
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+endif
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra fleet -c constraints.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o $(LOCK)
 
 setup: $(STAMP)
 
@@ -20,6 +35,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite must not depend on test order or thread count (issue #17): three shuffled orders, two threads.
+test-random: $(STAMP)
+	for seed in $(RANDOM_SEEDS); do $(PY) -m pytest -q -p no:cacheprovider -p random_order --random-order-bucket=global --random-order-seed=$$seed || exit 1; done
+
+test-threads: $(STAMP)
+	EDGECL_TEST_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -15,6 +15,8 @@ SHARED = Path(os.environ.get("EDGECL_SHARED", REPO.parent / "shared"))
 SHARED_DATA = SHARED / "datasets" / "tinyimagenet-100-heldout"
 SHARED_WEIGHTS = SHARED / "weights" / "vit_tiny_p8_64_tin100.safetensors"
 
+TEST_THREADS = int(os.environ.get("EDGECL_TEST_THREADS", "1"))
+
 needs_shared = pytest.mark.skipif(
     not (SHARED_DATA.is_dir() and SHARED_WEIGHTS.is_file()),
     reason=f"shared dataset/weights not found under {SHARED}",
@@ -23,8 +25,9 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _threads_and_seed() -> None:
-    """Deterministic tests; one thread (tiny models gain nothing from more, and CI has 2 shared cores)."""
-    torch.set_num_threads(1)
+    """Seeded tests on one torch thread by default (tiny models gain nothing from more; CI has 2 shared
+    cores). ``EDGECL_TEST_THREADS=2`` runs the suite on two threads: no test may depend on the count."""
+    torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
 
 
