@@ -35,6 +35,15 @@ LAYERS = {
     "edgecl.precision": ("edgecl.budget", "edgecl.train", "edgecl.methods"),
     # issue 19 / 18.9: methods know the Method contract only; the TII callback lives in edgecl.train
     "edgecl.methods": ("edgecl.train", "edgecl.budget", "edgecl.runner", "edgecl.serve", "edgecl.export"),
+    # the model and data layers know nothing above them
+    "edgecl.backbone": ("edgecl.methods", "edgecl.train", "edgecl.data", "edgecl.budget", "edgecl.telemetry"),
+    "edgecl.sampling": ("edgecl.backbone", "edgecl.methods", "edgecl.train"),
+    "edgecl.data": ("edgecl.backbone", "edgecl.methods", "edgecl.train", "edgecl.serve", "edgecl.store"),
+    "edgecl.store": ("edgecl.backbone", "edgecl.methods", "edgecl.train", "edgecl.serve", "edgecl.data"),
+    "edgecl.telemetry": ("edgecl.budget", "edgecl.runner", "edgecl.serve", "edgecl.commands", "edgecl.export"),
+    "edgecl.export": ("edgecl.budget", "edgecl.runner", "edgecl.serve", "edgecl.commands", "edgecl.bench"),
+    "edgecl.runner": ("edgecl.serve", "edgecl.commands", "edgecl.bench"),
+    "edgecl.serve": ("edgecl.commands", "edgecl.bench", "edgecl.cli"),
 }
 """The layering the package docstrings state (edgecl.budget's in particular)."""
 

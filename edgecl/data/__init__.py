@@ -1,4 +1,8 @@
-"""Task streams, transforms and synthetic data."""
+"""Task streams, transforms, synthetic data and (in ``ingest``) validation of uploaded archives.
+
+Owns what images and labels a task has; knows no model: must not import ``backbone``, ``methods``,
+``train``, ``serve`` or ``store``.
+"""
 
 from edgecl.data.stream import (
     ImageListDataset,

@@ -1,5 +1,9 @@
 """Continual-learning methods. Every module in this package that defines a method registers it with
-``@register_method``; importing the package imports them all (one file per method, no central list)."""
+``@register_method``; importing the package imports them all (one file per method, no central list).
+
+A method owns its trainable modules, loss, phase schedule and config model, and uses the backbone only
+through its three entry points. Must not import ``train``, ``budget``, ``runner``, ``serve`` or ``export``.
+"""
 
 import importlib
 import pkgutil

@@ -1,5 +1,9 @@
 """The trainer, its callbacks, metrics and checkpoints.
 
+Owns the only training loop (``Trainer``: data, optimisers, schedules, micro-batching, checkpoints and
+callback hooks) and knows no method names. Must not import ``budget``, ``runner``, ``serve``, ``bench`` or
+``commands``: they plug in as callbacks.
+
 Names are imported lazily so ``edgecl.train.callbacks`` (used by telemetry) does not pull in torch.
 """
 
