@@ -453,3 +453,16 @@ def test_cli_errors(zoo: Zoo, image_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert "opset must be between 17" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_export_variants(zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = str(zoo.checkpoint("cps_prompt", sweep=False))
+    out = tmp_path / "q.onnx"
+    assert main(["export", "--checkpoint", ckpt, "--out", str(out), "--quantize", "int8"]) == 0
+    line = capsys.readouterr().out
+    assert " MB int8, opset 17 (torchscript)" in line and "top-1 agreement" in line, line
+    assert read_onnx_info(out).extra["precision"] == "int8"
+    assert out.stat().st_size < 0.6 * zoo.cli_export().stat().st_size
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", ckpt, "--out", str(out), "--fp16", "--quantize", "int8"])
+    assert "not allowed with argument" in capsys.readouterr().err
