@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-COMMANDS = ("train", "bench", "serve", "export", "predict", "doctor", "plan")
+COMMANDS = ("train", "bench", "serve", "export", "predict", "doctor", "plan", "fleet")
 
 
 def build_parser() -> argparse.ArgumentParser:
