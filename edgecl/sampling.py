@@ -7,12 +7,14 @@ the spatial order is kept, as the reference (``token_shuffling=False``).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "SAMPLING_MODES",
+    "SamplingMode",
     "critical_sampling",
     "num_kept",
     "select_patches",
@@ -20,7 +22,9 @@ __all__ = [
     "uniform_sampling",
 ]
 
-SAMPLING_MODES = ("critical", "uniform", "topk")
+SamplingMode = Literal["critical", "uniform", "topk"]
+"""How phase-1 patches are chosen (the type method configs declare)."""
+SAMPLING_MODES: tuple[str, ...] = get_args(SamplingMode)
 
 
 def num_kept(num_patches: int, reduction_rate: float) -> int:

@@ -27,7 +27,7 @@ from edgecl.budget import (
 )
 from edgecl.budget.search import Search
 from edgecl.methods import Method, Phase
-from edgecl.profiles import Profile, load_profile
+from edgecl.profiles import load_profile
 from edgecl.train import Callback, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,7 +460,7 @@ def test_planner_takes_config_profile_and_stream_and_the_plan_applies() -> None:
     plan.apply(config, method)
     assert method.cfg.reduction_rate == 0.6 and config.micro_batch_size == 2
     with pytest.raises(ValueError, match="memory budget must be > 0 MB"):
-        Planner(method, config, Profile(memory_budget_mb=-1.0))
+        Planner(method, config, load_profile("cpu"), budget_mb=-1.0)
 
 
 def test_plan_command_prints_the_plan_and_refuses_with_the_minimum(

@@ -58,7 +58,7 @@ def _one_thread() -> None:
 
 def _overrides(name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """OVERRIDES restricted to the fields the method's config has."""
-    fields = {f.name for f in dataclasses.fields(get_method_class(name).Config)}
+    fields = set(get_method_class(name).Config.model_fields)
     return {k: v for k, v in {**OVERRIDES, **(extra or {})}.items() if k in fields}
 
 

@@ -51,8 +51,11 @@ def test_registered_and_config_checks() -> None:
     assert cfg.layers == (2, 3, 4, 5) and cfg.prompt_target == "image_tokens"  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="prompt_target"):
         build_config("iprompt", {"prompt_target": "patches"})
-    with pytest.raises(ValueError, match="divisible"):
-        build_config("iprompt", {"pool_size": 7, "expected_tasks": 2})
+    assert build_config("iprompt", {"pool_size": 7, "expected_tasks": 2}).pool_size == 7  # split 4 + 3
+    with pytest.raises(ValueError, match=r"pool_size: 2 gives fewer than one component .* at least 3"):
+        build_config("iprompt", {"pool_size": 2, "expected_tasks": 3})
+    shared = {"pool_size": 2, "expected_tasks": 3, "allocation": "shared"}
+    assert build_config("iprompt", shared).pool_size == 2
     with pytest.raises(ValueError, match="match_sim"):
         build_config("iprompt", {"readout": "match_sim", "prompt_target": "cls_token"})
 

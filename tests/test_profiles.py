@@ -80,7 +80,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
             {"method_options": {"reduction_rate": 0.9}, "max_reduction_rate": 0.75},
             "method_options.reduction_rate",
         ),
-        ({"method_options": {"temperature": -1.0}}, "method_options"),
+        ({"method_options": {"temperature": -1.0}}, "method_options.temperature"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, data: dict[str, Any], key: str) -> None:

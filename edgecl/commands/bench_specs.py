@@ -49,7 +49,8 @@ def build_specs(request: dict[str, Any]) -> dict[str, Any]:
     import argparse
     import dataclasses
 
-    from edgecl.commands.train import METHOD_FLAGS, _parse_overrides, spec_from_args
+    from edgecl.commands.train import METHOD_FLAGS, method_options_from_args, spec_from_args
+    from edgecl.config import parse_assignments
     from edgecl.methods.registry import get_method_class, list_methods
     from edgecl.runner import machine_info
 
@@ -57,20 +58,21 @@ def build_specs(request: dict[str, Any]) -> dict[str, Any]:
     specs: dict[str, Any] = {}
     dropped: dict[str, list[str]] = {}
     wanted = [m for name in request["methods"] for m in (list_methods() if name == "all" else [name])]
+    set_keys = set(parse_assignments(args.overrides))
     for method in dict.fromkeys(wanted):
         spec = spec_from_args(args, method)
         spec.tasks = spec.tasks or 5
         try:
-            fields = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+            fields = set(get_method_class(method).Config.model_fields)
         except ValueError:  # unknown method: its run fails and says so
             fields = None
-        set_keys = set(_parse_overrides(args.overrides))
         for flag in METHOD_FLAGS:
             given = getattr(args, flag, None) is not None
             if fields is not None and given and flag not in fields and flag not in set_keys:
                 spec.method_options.pop(flag, None)
                 dropped.setdefault(method, []).append(flag)
-        spec.method_options.update(_parse_overrides(request.get("method_sets", {}).get(method, [])))
+        one = argparse.Namespace(overrides=request.get("method_sets", {}).get(method, []))
+        spec.method_options.update(method_options_from_args(one, method, flags=False))
         specs[method] = dataclasses.asdict(spec)
     return {"specs": specs, "dropped": dropped, "methods": list_methods(), "machine": machine_info()}
 

@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option (YAML value), repeatable; e.g. -o reduction_rate=0.4",
+        help="method option, checked by the method's config model, repeatable; e.g. -o reduction_rate=0.4",
     )
     parser.add_argument("--batch-size", type=int, help="effective batch (default: profile's, else 16)")
     parser.add_argument("--eval-batch-size", type=int, help="evaluation batch (default: profile's, else 64)")
@@ -55,25 +55,15 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _options(pairs: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--option needs KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """Build backbone and method as training would, plan, print; 2 when the budget cannot be met."""
     import torch
 
     from edgecl.backbone import load_backbone
     from edgecl.budget import BudgetError, Planner
+    from edgecl.config import parse_assignments
     from edgecl.methods import create_method
+    from edgecl.methods.registry import coerce_options
     from edgecl.profiles import Profile, load_profile
     from edgecl.train.trainer import TrainConfig
 
@@ -84,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     method_name = args.method or profile.method
     options = dict(profile.method_options) if method_name == profile.method else {}
-    options.update(_options(args.option))
+    options.update(coerce_options(method_name, parse_assignments(args.option, flag="--option")))
     threads = args.threads or profile.threads
     if threads:
         torch.set_num_threads(threads)

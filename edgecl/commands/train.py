@@ -7,25 +7,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+__all__ = ["METHOD_FLAGS", "add_run_arguments", "method_options_from_args", "print_results", "register"]
 
-__all__ = ["add_run_arguments", "register", "spec_from_args", "print_results"]
-
-# CLI flag -> method option, for the most used CPS/DPCT settings
-METHOD_FLAGS = {
-    "reduction_rate": float,
-    "temperature": float,
-    "phase_ratio": float,
-    "sampling": str,
-    "lr": float,
-    "expected_tasks": int,
-    "pool_size": int,
-    "top_k": int,
-    "delta": float,
-    "beta": float,
-    "hdr": bool,
-    "hgm": bool,
-}
+METHOD_FLAGS = (
+    "reduction_rate",
+    "temperature",
+    "phase_ratio",
+    "sampling",
+    "lr",
+    "expected_tasks",
+    "pool_size",
+    "top_k",
+    "delta",
+    "beta",
+    "hdr",
+    "hgm",
+)
+"""Method options that have their own flag (``--reduction-rate`` ...), for the most used settings. Like
+``--set KEY=VALUE`` they reach the method as strings and the method's config model converts and checks
+them (:func:`edgecl.methods.registry.coerce_options`), so a bad value names the option and its rule."""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,17 +61,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--memory-budget-mb", type=float, default=None, help="memory budget (overrides the profile)"
     )
     g.add_argument("--no-telemetry", action="store_true", help="do not run the power/memory sampler")
-    g = p.add_argument_group("method options")
-    g.add_argument("--reduction-rate", type=float, default=None, help="CPS r (fraction of patches dropped)")
-    g.add_argument("--temperature", type=float, default=None, help="CPS softmax temperature τ")
-    g.add_argument("--phase-ratio", type=float, default=None, help="DPCT λ (fraction of prompt epochs)")
-    g.add_argument("--sampling", choices=["critical", "uniform", "topk"], default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--expected-tasks", type=int, default=None, help="tasks prompt pools are split over")
-    g.add_argument("--pool-size", type=int, default=None, help="prompt pool size (CODA, L2P, Hash)")
-    g.add_argument("--top-k", type=int, default=None, help="prompts/experts selected per image (L2P, Hash)")
-    g.add_argument("--delta", type=float, default=None, help="Hash HDR penalty δ")
-    g.add_argument("--beta", type=float, default=None, help="Hash HGM update scale β")
+    g = p.add_argument_group(
+        "method options", "checked by the method's config model; bad values name the option and its rule"
+    )
+    g.add_argument("--reduction-rate", metavar="R", help="CPS r, fraction of patches dropped, in [0, 1)")
+    g.add_argument("--temperature", metavar="TAU", help="CPS softmax temperature τ (> 0)")
+    g.add_argument("--phase-ratio", metavar="LAMBDA", help="DPCT λ, fraction of prompt epochs, in [0, 1]")
+    g.add_argument("--sampling", metavar="MODE", help="CPS patch sampling: critical, uniform or topk")
+    g.add_argument("--lr", metavar="LR", help="learning rate (> 0)")
+    g.add_argument(
+        "--expected-tasks", metavar="N", help="tasks prompt pools are split over (default: the stream's)"
+    )
+    g.add_argument("--pool-size", metavar="N", help="prompt pool size (CODA, CPS, I-Prompt, L2P, Hash)")
+    g.add_argument("--top-k", metavar="K", help="prompts/experts selected per image (L2P, Hash)")
+    g.add_argument("--delta", metavar="D", help="Hash HDR penalty δ (>= 0)")
+    g.add_argument("--beta", metavar="B", help="Hash HGM update scale β, in [0, 1]")
     g.add_argument("--hdr", action=argparse.BooleanOptionalAction, default=None, help="Hash: HDR on/off")
     g.add_argument("--hgm", action=argparse.BooleanOptionalAction, default=None, help="Hash: HGM on/off")
     g.add_argument(
@@ -80,18 +84,23 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any method config field, e.g. --set pool_size=50 (repeatable)",
+        help="any method config field, e.g. --set pool_size=50 or --set layers=0,1,2 (repeatable)",
     )
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+def method_options_from_args(args: argparse.Namespace, method: str, *, flags: bool = True) -> dict[str, Any]:
+    """The method options the flags (``flags``) and ``--set`` give, converted by ``method``'s config model.
+
+    Unknown keys are kept (building the config names them); an unregistered method leaves them strings.
+    """
+    from edgecl.config import parse_assignments
+    from edgecl.methods.registry import coerce_options, list_methods
+
+    raw: dict[str, Any] = {}
+    if flags:
+        raw = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag, None) is not None}
+    raw.update(parse_assignments(getattr(args, "overrides", None) or []))
+    return coerce_options(method, raw) if method in list_methods() else raw
 
 
 def spec_from_args(args: argparse.Namespace, method: str | None) -> Any:
@@ -147,11 +156,7 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> Any:
         spec.device = "cuda" if torch.cuda.is_available() else "cpu"
     spec.pretrained = bool(args.pretrained)
     spec.telemetry = not args.no_telemetry
-    for flag in METHOD_FLAGS:
-        value = getattr(args, flag, None)
-        if value is not None:
-            spec.method_options[flag] = value
-    spec.method_options.update(_parse_overrides(args.overrides))
+    spec.method_options.update(method_options_from_args(args, spec.method))
     return spec
 
 

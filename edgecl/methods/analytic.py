@@ -9,13 +9,14 @@ gives the same head; :meth:`AnalyticStats.commit_task` folds the task's Gram mat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT
+from edgecl.config import FieldProblem
 from edgecl.methods.base import Method, MethodConfig, TaskInfo
 from edgecl.methods.layers import ExpandableHead
 
@@ -23,14 +24,16 @@ __all__ = [
     "PHASE2_HEADS",
     "AnalyticHeadMixin",
     "AnalyticStats",
-    "check_phase2_head",
+    "Phase2Head",
+    "check_head_transform",
     "class_means",
     "fit_linear_head",
     "ridge_solution",
 ]
 
-PHASE2_HEADS = ("sgd", "prototype", "ridge")
+Phase2Head = Literal["sgd", "prototype", "ridge"]
 """``phase2_head`` choices: optimiser epochs, class-mean prototypes, or a ridge-regression solve."""
+PHASE2_HEADS: tuple[str, ...] = get_args(Phase2Head)
 
 
 def class_means(feats: Tensor, labels: Tensor, classes: list[int]) -> Tensor:
@@ -138,12 +141,15 @@ def fit_linear_head(
             raise ValueError(f"phase2_head must be one of {PHASE2_HEADS} for a closed-form fit, got {kind!r}")
 
 
-def check_phase2_head(phase2_head: str, ridge_lambda: float) -> None:
-    """Validate the ``phase2_head`` / ``ridge_lambda`` config fields (``ValueError`` naming the field)."""
-    if phase2_head not in PHASE2_HEADS:
-        raise ValueError(f"phase2_head must be one of {'|'.join(PHASE2_HEADS)}, got {phase2_head!r}")
-    if ridge_lambda <= 0:
-        raise ValueError(f"ridge_lambda must be > 0, got {ridge_lambda}")
+def check_head_transform(phase2_head: str, transform: str, transform_key: str) -> None:
+    """A closed-form head is fitted from one deterministic feature pass: it needs ``transform_key=eval``
+    (raised from a config's model validator, so the message names ``phase2_head``)."""
+    if phase2_head != "sgd" and transform != "eval":
+        raise FieldProblem(
+            "phase2_head",
+            f"{phase2_head!r} is fitted from one deterministic feature pass: set {transform_key}=eval "
+            f"(got {transform!r})",
+        )
 
 
 class AnalyticHeadMixin(Method):

@@ -2,7 +2,7 @@
 
 A method owns its trainable modules (prompts, routers, heads), its loss and its DPCT-like phase
 schedule; the trainer owns data, optimisers, schedules, checkpoints and callbacks, and knows no
-method names. Subclass :class:`Method`, give it a ``Config`` dataclass (subclass of
+method names. Subclass :class:`Method`, give it a ``Config`` model (subclass of the pydantic
 :class:`MethodConfig`) and register it with :func:`edgecl.methods.registry.register_method`.
 """
 
@@ -11,12 +11,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT
+from edgecl.config import ConfigModel, FieldProblem
 from edgecl.methods.layers import ExpandableHead
 
 __all__ = ["Method", "MethodConfig", "Phase", "TaskInfo", "masked_cross_entropy"]
@@ -33,35 +35,48 @@ class Phase(str, enum.Enum):
     """DPCT phase 2: prompt frozen, head only, on full-patch prompted features (cacheable)."""
 
 
-@dataclass
-class MethodConfig:
-    """Settings every method has; subclasses add their own fields with sourced defaults."""
+class MethodConfig(ConfigModel):
+    """Settings every method has; subclasses add their own fields with sourced defaults.
 
-    lr: float = 1e-3
+    A pydantic model (:class:`edgecl.config.ConfigModel`): an unknown key, a wrong type or a broken
+    constraint is a ``ValueError`` naming the key; assignments are validated; ``model_dump()`` is the dict.
+    """
+
+    lr: float = Field(1e-3, gt=0)
     """Adam learning rate [cps-prompt code: models/config/cps_prompt.yaml]."""
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     """``adam`` or ``sgd`` (no momentum)."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0)
     """[cps-prompt code: optim_wd default 0]."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine`` = CODA's per-epoch CosineSchedule(K=epochs) [CODA/cps-prompt], or ``constant``."""
-    clip_grad: float | None = 1.0
+    clip_grad: float | None = Field(1.0, gt=0)
     """Gradient-norm clip over the trainable parameters [cps-prompt code]; None disables it."""
-    expected_tasks: int = 10
-    """How many tasks pools are split over (CODA pool 100 / 10 tasks). More tasks than this is an error."""
+    expected_tasks: int = Field(10, ge=1)
+    """How many tasks pools are split over (CODA pool 100 / 10 tasks); ``edgecl train``/``bench`` set it to
+    the stream's task count. More tasks than this is an error for methods whose pool is split per task."""
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the offending field."""
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in {"adam", "sgd"}:
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in {"cosine", "constant"}:
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad}")
-        if self.expected_tasks < 1:
-            raise ValueError(f"expected_tasks must be >= 1, got {self.expected_tasks}")
+    @classmethod
+    def _grow_with_tasks(cls, data: Any, key: str) -> Any:
+        """Before validation: a per-task pool size ``key`` the caller did not set is raised to
+        ``expected_tasks`` when the default is smaller (one component per task at least)."""
+        if not isinstance(data, dict) or key in data:
+            return data
+        tasks = data.get("expected_tasks", cls.model_fields["expected_tasks"].default)
+        default = cls.model_fields[key].default
+        if isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > default:
+            return {**data, key: tasks}
+        return data
+
+    def _check_pool(self, key: str) -> None:
+        """A pool split per task needs at least one component per task (``key`` >= ``expected_tasks``)."""
+        size = getattr(self, key)
+        if size < self.expected_tasks:
+            raise FieldProblem(
+                key,
+                f"{size} gives fewer than one component per task for expected_tasks={self.expected_tasks}; "
+                f"set {key} to at least {self.expected_tasks} (--set {key}={self.expected_tasks})",
+            )
 
 
 @dataclass(frozen=True)
@@ -239,7 +254,5 @@ class Method(nn.Module):
 
 
 def describe_config(cfg: MethodConfig) -> dict[str, Any]:
-    """The config as a plain dict (for results.json)."""
-    from dataclasses import asdict
-
-    return asdict(cfg)
+    """The config as a plain dict (for results.json and checkpoints; ``build_config`` reads it back)."""
+    return cfg.model_dump()

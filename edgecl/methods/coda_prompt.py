@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from edgecl.backbone import FrozenViT
+from edgecl.config import BlockIndices, EvenLength
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.layers import CodaPromptPool
 from edgecl.methods.registry import register_method
@@ -15,30 +16,29 @@ from edgecl.methods.registry import register_method
 __all__ = ["CodaPrompt", "CodaPromptConfig"]
 
 
-@dataclass
 class CodaPromptConfig(MethodConfig):
     """CODA-Prompt settings; defaults from the CPS-Prompt port of CODA (digest §3, §9)."""
 
-    layers: tuple[int, ...] = (0, 1, 2, 3, 4)
+    layers: BlockIndices = (0, 1, 2, 3, 4)
     """Prefix-tuned blocks [CODA zoo.py e_layers / cps-prompt e_prompt_layer_idx]."""
-    pool_size: int = 100
-    """Components, split evenly over ``expected_tasks`` [--prompt_param 100 8 0.0]."""
-    prompt_length: int = 8
+    pool_size: int = Field(100, ge=1)
+    """Components, split over ``expected_tasks``: ``pool_size // expected_tasks`` per task, the remainder one
+    more each for the first tasks (100 over 3 tasks -> 34, 33, 33); the reference floors and leaves the rest
+    unused [--prompt_param 100 8 0.0]. Left unset it grows to ``expected_tasks`` for more than 100 tasks."""
+    prompt_length: EvenLength = 8
     """Prefix length: first half keys, second half values [--prompt_param]."""
-    ortho_mu: float = 0.0
+    ortho_mu: float = Field(0.0, ge=0)
     """Orthogonality penalty weight; 0 as CODA's README / issue #12 (Gram–Schmidt init suffices)."""
 
-    def validate(self) -> None:
-        """Check the shared fields and the pool split."""
-        super().validate()
-        if self.pool_size % self.expected_tasks:
-            raise ValueError(
-                f"pool_size={self.pool_size} must be divisible by expected_tasks={self.expected_tasks}"
-            )
-        if self.prompt_length < 2 or self.prompt_length % 2:
-            raise ValueError(f"prompt_length must be an even number >= 2, got {self.prompt_length}")
-        if self.ortho_mu < 0:
-            raise ValueError(f"ortho_mu must be >= 0, got {self.ortho_mu}")
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_default(cls, data: Any) -> Any:
+        return cls._grow_with_tasks(data, "pool_size")
+
+    @model_validator(mode="after")
+    def _pool_split(self) -> CodaPromptConfig:
+        self._check_pool("pool_size")
+        return self
 
 
 @register_method("coda_prompt")

@@ -9,71 +9,52 @@ once per task when the phase-2 transform is deterministic (``phase2_cache``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from edgecl.methods.analytic import AnalyticHeadMixin, check_phase2_head
+from edgecl.methods.analytic import AnalyticHeadMixin, Phase2Head, check_head_transform
 from edgecl.methods.base import Phase
 from edgecl.methods.coda_prompt import CodaPrompt, CodaPromptConfig
 from edgecl.methods.registry import register_method
-from edgecl.sampling import SAMPLING_MODES, num_kept, select_patches
+from edgecl.sampling import SamplingMode, num_kept, select_patches
 
 __all__ = ["CpsPrompt", "CpsPromptConfig"]
 
 
-@dataclass
 class CpsPromptConfig(CodaPromptConfig):
     """CPS-Prompt settings, each default tagged with its source (digest §1, §2, §7)."""
 
-    reduction_rate: float = 0.5
+    reduction_rate: float = Field(0.5, ge=0.0, lt=1.0)
     """r: fraction of patches dropped in phase 1. The released code and commands run 0.5 (k = N/2); the
     paper summary says 0.4. Configurable; 0.5 follows the code [cps-prompt models/cps_prompt.py]."""
-    temperature: float = 0.1
+    temperature: float = Field(0.1, gt=0)
     """τ of softmax(score/τ) [cps-prompt README commands; code default 1.0]."""
-    sampling: str = "critical"
+    sampling: SamplingMode = "critical"
     """``critical`` (CPS), ``uniform`` (PatchDropout) or ``topk`` (τ → 0) [cps-prompt --sampling]."""
-    phase_ratio: float = 0.4
+    phase_ratio: float = Field(0.4, ge=0.0, le=1.0)
     """λ: the first floor(λ·E) epochs are phase 1 [README, CIFAR; code default 0.8]."""
-    min_prompt_epochs: int = 1
+    min_prompt_epochs: int = Field(1, ge=0)
     """edgecl choice: at least this many phase-1 epochs, so short runs (E·λ < 1) still train the prompt;
     the reference would train no prompt at all then. Set 0 for the reference's exact floor(λ·E)."""
-    phase2_cache: str = "auto"
+    phase2_cache: Literal["auto", "on", "off"] = "auto"
     """``auto`` caches phase-2 features when the phase-2 transform is deterministic, ``on``/``off``."""
-    phase2_transform: str = "eval"
+    phase2_transform: Literal["eval", "train"] = "eval"
     """Data transform in phase 2: ``eval`` (deterministic: resize + center crop, so features can be cached
     once per task; an edgecl choice) or ``train`` (the reference's random crop + flip, recomputed)."""
-    phase2_head: str = "sgd"
+    phase2_head: Phase2Head = "sgd"
     """How phase 2 sets the head: ``sgd`` (the reference's optimiser epochs), ``prototype`` (each new class's
     row = its normalised mean cached feature: a cosine prototype classifier) or ``ridge`` (ridge regression
     on one-hot targets from the Gram matrix and class sums accumulated over all tasks, RanPAC-style). The
     closed-form heads cost one feature pass instead of the phase-2 epochs [edgecl, issue #22]."""
-    ridge_lambda: float = 1.0
+    ridge_lambda: float = Field(1.0, gt=0)
     """λ of the ``ridge`` head, ``(G + λI)⁻¹``; a guess checked on the shared hold-out (RESULTS.md)."""
 
-    def validate(self) -> None:
-        """Check CPS/DPCT fields."""
-        super().validate()
-        if not 0.0 <= self.reduction_rate < 1.0:
-            raise ValueError(f"reduction_rate must be in [0, 1), got {self.reduction_rate}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
-        if not 0.0 <= self.phase_ratio <= 1.0:
-            raise ValueError(f"phase_ratio must be in [0, 1], got {self.phase_ratio}")
-        if self.phase2_cache not in {"auto", "on", "off"}:
-            raise ValueError(f"phase2_cache must be auto|on|off, got {self.phase2_cache!r}")
-        if self.phase2_transform not in {"eval", "train"}:
-            raise ValueError(f"phase2_transform must be eval|train, got {self.phase2_transform!r}")
-        if self.min_prompt_epochs < 0:
-            raise ValueError(f"min_prompt_epochs must be >= 0, got {self.min_prompt_epochs}")
-        check_phase2_head(self.phase2_head, self.ridge_lambda)
-        if self.phase2_head != "sgd" and self.phase2_transform != "eval":
-            raise ValueError(
-                f"phase2_head={self.phase2_head} is fitted from one deterministic feature pass: "
-                f"set phase2_transform=eval (got {self.phase2_transform!r})"
-            )
+    @model_validator(mode="after")
+    def _closed_form_head_needs_eval(self) -> CpsPromptConfig:
+        check_head_transform(self.phase2_head, self.phase2_transform, "phase2_transform")
+        return self
 
 
 @register_method("cps_prompt")

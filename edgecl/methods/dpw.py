@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT, LayerHooks
+from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.registry import register_method
 
@@ -73,42 +74,41 @@ Task identification, confidence scaling and the inference mode are the same in e
 """
 
 
-@dataclass
 class DPWConfig(MethodConfig):
     """DPW settings; each default is tagged with its source (digest §1.8: [code]/[config] = YonseiML/dpw)."""
 
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """Adam lr [GUESS, digest §1.7.7]: the reference's SGD lr 1.25 (cosine to 1.25e-3) was for fp16 CLIP
     with logit scale 100 and does not transfer to a linear head on fp32 timm features."""
-    dpw_lr_scale: float = 1.0
+    dpw_lr_scale: float = Field(1.0, gt=0)
     """LR multiplier of the DPW slot parameters (the head keeps ``lr``) via the trainer's ``lr_scale``
     [GUESS knob; 1.0 = the plain Adam 1e-3 port]. Measured on the 5-task TinyImageNet setting at 1.0
     (2 epochs): B_G moved < 0.03 from -4, no token's sigmoid sum reached 1 (RWM Δ ≡ 0, adapter idle) and the
     prompted CLS feature differed from the frozen one by 1-2%, i.e. DPW stayed at its near-pretrained init.
     At 30 (reduced 20-image/class run) 50-95% of tokens exceeded a sum of 1 and final accuracy rose from
     0.060 to 0.096 (oracle-task 0.170 -> 0.294), with forgetting 0.05 -> 0.10."""
-    layers: tuple[int, ...] = ()
+    layers: BlockIndices = ()
     """DPW blocks; ``()`` = every block [config: prompt_depth_vision=12]. The DPW term costs ~10% of a
     block on ViT-Tiny (S: N·D·h'Lp MACs, adapter 2·N·D·r), so all 12 are affordable on CPU; a late subset
     such as ``(6, ..., 11)`` saves the backward through the early blocks and 50% of the parameters."""
-    prefix_length: int = 8
+    prefix_length: int = Field(8, ge=1)
     """L_p, prefix values per slot [config: 8 vision]."""
-    prefix_heads: int | None = None
+    prefix_heads: int | None = Field(None, ge=1)
     """h', fixed [GUESS, digest §1.7.5]. The reference picks h' per task from CLIP zero-shot accuracy and
     text-embedding spread, which need a text encoder; ``None`` = D // 48, i.e. the reference's typical
     h' = 16 at D = 768 (48-dim chunks), giving 4 on ViT-Tiny. Must divide D."""
     bias_init: float = -4.0
     """Constant B_G init [code: vision -4, so gates start at sigmoid(-4) ≈ 0.018]."""
-    adapter_rank: int = 64
+    adapter_rank: int = Field(64, ge=1)
     """r of the LoRA adapter [code: 64 full, 4 for Ours†]."""
-    adapter_dropout: float = 0.1
+    adapter_dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the down-projected code [code]."""
     adapter_scale: float = 0.05
     """Fixed output scale of the adapter [code: named ``lr`` there, not a learning rate]."""
-    scoring: str = "repa"
+    scoring: Literal["repa", "query_key"] = "repa"
     """``repa`` (X W_G + B_G) or ``query_key`` (frozen q · learnable prefix keys / √(D/h') + a learnable
     per-(head, prefix) constant initialised at ``bias_init``; ablation rows)."""
-    activation: str = "condact"
+    activation: Literal["condact", "softmax"] = "condact"
     """``condact`` (sigmoid + CondNorm, CondFiltering at inference) or ``softmax`` over the L_p prefixes."""
     rwm: bool = True
     """RWM: the adapter, scaled per token and prefix-head by Δ = max(0, Σσ - 1). Needs ``condact``."""
@@ -117,14 +117,14 @@ class DPWConfig(MethodConfig):
     filter_gate: float = 0.825
     """Filter a sample only if its task confidence is below this [code: batch-mean gate, eval batch 1 in
     CIL, so per sample here]; the value was tuned for CLIP's confidence scale [code, not re-tuned]."""
-    score_var_min: float = 1e-6
+    score_var_min: float = Field(1e-6, gt=0)
     """Lower clamp of the CLS-score variance in the filter's log-density [code]."""
     confidence_scaling: bool = True
     """Scale the DPW output by the task confidence at inference [code: ``O * w_task``]."""
-    inference: str = "ensemble"
+    inference: Literal["ensemble", "argmax"] = "ensemble"
     """``ensemble``: task t's classes scored with slot t and combined with confidence_t [code: ODCL-CIL],
     up to T prompted passes; ``argmax``: one prompted pass with the most confident slot."""
-    ensemble_combine: str = "prob"
+    ensemble_combine: Literal["prob", "scaled_logits"] = "prob"
     """``prob``: score = log conf_t + log_softmax(logits_t), a mixture over tasks [GUESS: the reference's
     ``logits_t x conf_t`` relies on CLIP's positive cosine logits, a linear head's logits may be negative];
     ``scaled_logits``: the reference's literal ``logits_t x conf_t``."""
@@ -132,59 +132,31 @@ class DPWConfig(MethodConfig):
     """With ``prob``: skip a (sample, task) pass when conf_t < conf_max / C_max (the best task's class count);
     such a task cannot hold the top-1 class, so predictions are exact and its scores are set to the bound
     ``log conf_t - log C_t``. Turn off for exact scores of every class."""
-    tii_cov: str = "auto"
+    tii_cov: Literal["auto", "full", "diag"] = "auto"
     """Task-Gaussian covariance: ``full`` (+ eps·I) [code], ``diag``, or ``auto`` = full when the task has at
     least ``tii_full_ratio`` x D samples, else diagonal [GUESS]."""
-    tii_full_ratio: float = 2.0
+    tii_full_ratio: float = Field(2.0, gt=0)
     """``auto`` switch point in samples per feature dimension [GUESS]."""
-    tii_eps: float = 1e-4
+    tii_eps: float = Field(1e-4, gt=0)
     """Ridge added to the task covariances [GUESS; code 1e-7 on 512-d CLIP]. On the 5-task TinyImageNet run
     (192-d features, per-dim variance 4.4e-3, 500 images/task) held-out TII accuracy was 0.317 / 0.334 /
     0.340 / 0.331 for eps 1e-7 / 1e-5 / 1e-4 / 1e-3 (diagonal: 0.304), so 1e-4 (≈ 2% of the variance)."""
-    tii_scale: float = 1.0
+    tii_scale: float = Field(1.0, gt=0)
     """Task confidence = softmax_t(log p_t / tii_scale) over the finished tasks [re-derived, digest §1.7.4;
     the reference's sigmoid(log p / 512 - 1) is an absolute score tuned for 512-d CLIP]. 1.0 = the exact
     posterior under equal priors. Measured on the 5-task TinyImageNet run (192-d ViT-Tiny): the posterior
     is over-confident (mean top confidence 0.86 at 34% TII accuracy; test NLL of the true task 5.2 nats,
     best ≈ 1.5 at scale 16), while the per-dimension analogue of /512 (scale = D) is ≈ uniform. Larger
     scales soften the ensemble but cost up to T passes (fewer passes can be pruned)."""
-    tii_cv_folds: int = 5
+    tii_cv_folds: int = Field(5, ge=2)
     """Folds of the held-out task-identification estimate on the current task's training images (each fold
     fit uses the covariance type chosen for the whole task, so held-out and final Gaussians are alike)."""
 
-    def validate(self) -> None:
-        """Check the DPW fields."""
-        super().validate()
-        if self.dpw_lr_scale <= 0:
-            raise ValueError(f"dpw_lr_scale must be > 0, got {self.dpw_lr_scale}")
-        if self.prefix_length < 1:
-            raise ValueError(f"prefix_length must be >= 1, got {self.prefix_length}")
-        if self.prefix_heads is not None and self.prefix_heads < 1:
-            raise ValueError(f"prefix_heads must be >= 1 or None, got {self.prefix_heads}")
-        if self.adapter_rank < 1:
-            raise ValueError(f"adapter_rank must be >= 1, got {self.adapter_rank}")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
-        if self.scoring not in {"repa", "query_key"}:
-            raise ValueError(f"scoring must be 'repa' or 'query_key', got {self.scoring!r}")
-        if self.activation not in {"condact", "softmax"}:
-            raise ValueError(f"activation must be 'condact' or 'softmax', got {self.activation!r}")
+    @model_validator(mode="after")
+    def _rwm_needs_condact(self) -> DPWConfig:
         if self.rwm and self.activation != "condact":
-            raise ValueError("rwm needs activation='condact': softmax weights sum to 1, so Δ would be 0")
-        if self.inference not in {"ensemble", "argmax"}:
-            raise ValueError(f"inference must be 'ensemble' or 'argmax', got {self.inference!r}")
-        if self.ensemble_combine not in {"prob", "scaled_logits"}:
-            raise ValueError(f"ensemble_combine must be prob|scaled_logits, got {self.ensemble_combine!r}")
-        if self.tii_cov not in {"auto", "full", "diag"}:
-            raise ValueError(f"tii_cov must be auto|full|diag, got {self.tii_cov!r}")
-        if self.tii_eps <= 0 or self.score_var_min <= 0:
-            raise ValueError("tii_eps and score_var_min must be > 0")
-        if self.tii_full_ratio <= 0:
-            raise ValueError(f"tii_full_ratio must be > 0, got {self.tii_full_ratio}")
-        if self.tii_scale <= 0:
-            raise ValueError(f"tii_scale must be > 0, got {self.tii_scale}")
-        if self.tii_cv_folds < 2:
-            raise ValueError(f"tii_cv_folds must be >= 2, got {self.tii_cv_folds}")
+            raise FieldProblem("rwm", "needs activation='condact': softmax weights sum to 1, so Δ would be 0")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,47 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT
+from edgecl.config import BlockIndices, EvenLength
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.registry import register_method
 
 __all__ = ["DualPrompt", "DualPromptConfig"]
 
 
-@dataclass
 class DualPromptConfig(MethodConfig):
     """DualPrompt settings from CODA-Prompt's zoo.py (digest §9)."""
 
-    g_layers: tuple[int, ...] = (0, 1)
+    g_layers: BlockIndices = (0, 1)
     """Blocks with the task-shared G-prompt [CODA g_layers]."""
-    g_length: int = 6
+    g_length: EvenLength = 6
     """G-prompt length, half keys half values [CODA g_p_length]."""
-    e_layers: tuple[int, ...] = (2, 3, 4)
+    e_layers: BlockIndices = (2, 3, 4)
     """Blocks with task-specific E-prompts [CODA e_layers]."""
-    e_pool_size: int = 10
-    """E-prompts (one per task) [CODA --prompt_param 10 20 6]; must be >= expected_tasks."""
-    e_length: int = 20
+    e_pool_size: int = Field(10, ge=1)
+    """E-prompts, one per task [CODA --prompt_param 10 20 6]; must be >= expected_tasks. Left unset it
+    grows to ``expected_tasks`` (the stream's task count under ``edgecl train``) when that is larger."""
+    e_length: EvenLength = 20
     """E-prompt length, half keys half values [CODA]."""
-    pull_constraint: float = 1.0
+    pull_constraint: float = Field(1.0, ge=0)
     """Weight of 1 − cos(q, K_task) pulling the task's key to its queries [CODA]."""
 
-    def validate(self) -> None:
-        """Check lengths and the pool size."""
-        super().validate()
-        for name in ("g_length", "e_length"):
-            v = getattr(self, name)
-            if v < 2 or v % 2:
-                raise ValueError(f"{name} must be an even number >= 2, got {v}")
-        if self.e_pool_size < self.expected_tasks:
-            raise ValueError(
-                f"e_pool_size={self.e_pool_size} must be >= expected_tasks={self.expected_tasks}"
-            )
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_default(cls, data: Any) -> Any:
+        return cls._grow_with_tasks(data, "e_pool_size")
+
+    @model_validator(mode="after")
+    def _one_prompt_per_task(self) -> DualPromptConfig:
+        self._check_pool("e_pool_size")
+        return self
 
 
 @register_method("dualprompt")

@@ -23,81 +23,68 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT, LayerHooks, Prefix
+from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.registry import register_method
-from edgecl.methods.tii import TII_KINDS, ClassStatsTaskIdentifier, collect_features
+from edgecl.methods.tii import ClassStatsTaskIdentifier, collect_features
 
 __all__ = ["Hash", "HashConfig", "Routing", "route"]
 
 
-@dataclass
 class HashConfig(MethodConfig):
     """Hash settings; every default tagged with its source (digest §3.2 and §3.4)."""
 
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0)
     """Adam learning rate [GUESS, digest §3.2-10: HiDe-Prompt script lr 0.0005]."""
-    schedule: str = "constant"
+    schedule: Literal["cosine", "constant"] = "constant"
     """[GUESS, HiDe-Prompt train_cifar100_vit.sh: --sched constant with lr 0.0005]."""
-    pool_size: int = 8
+    pool_size: int = Field(8, ge=1)
     """K experts in the shared pool [GUESS, digest §3.2-5: parameter bound vs HiDe-Prompt]."""
-    top_k: int = 2
+    top_k: int = Field(2, ge=1)
     """Experts mixed per (image, layer) [GUESS, digest §3.2-5]."""
-    prompt_length: int = 5
+    prompt_length: int = Field(5, ge=1)
     """Lp of each expert's key part and value part [GUESS, digest §3.2-3/5: HiDe length 5]."""
-    layers: tuple[int, ...] = (0, 1, 2, 3)
+    layers: BlockIndices = (0, 1, 2, 3)
     """Prompted blocks, 0-based [paper-sum "layers 1–4" best; 0-based reading GUESS, digest §3.2-4]."""
     hdr: bool = True
     """History-aware dynamic routing on/off [paper-sum; off for the ablation rows pool / +HGM]."""
     hgm: bool = True
     """History-aware gradient (update) modulation on/off [paper-sum; off for pool / +HDR]."""
-    delta: float = 0.5
+    delta: float = Field(0.5, ge=0)
     """HDR penalty on the 1/sqrt(D)-scaled scores of A_t [GUESS, digest §3.2-7]."""
-    beta: float = 0.1
+    beta: float = Field(0.1, ge=0, le=1)
     """HGM update factor of the experts in A_t [GUESS, digest §3.2-7]."""
-    active_set_size: int | None = None
+    active_set_size: int | None = Field(None, ge=0)
     """|A_t|; None = ``top_k`` [GUESS, digest §3.2-6: "Top-K" read as the routing top-k]."""
-    prompt_init: str = "uniform"
+    prompt_init: Literal["uniform", "zero"] = "uniform"
     """``uniform`` U(-1, 1) [HiDe-Prompt code peft/prompt/hide_prompt.py, prompt_init='uniform'] or
     ``zero``."""
-    tii: str = "lda"
+    tii: Literal["lda", "ncm"] = "lda"
     """Task-identity inference: ``lda`` (shared-covariance Gaussian classifier on frozen CLS features,
     closed-form stand-in for HiDe's Gaussian-replay head) or ``ncm`` (cosine nearest class mean)
     [GUESS, digest §3.2-1]."""
-    tii_shrinkage: float = 0.1
+    tii_shrinkage: float = Field(0.1, ge=0, le=1)
     """Shrinkage of the pooled covariance towards tr/D·I for ``lda`` [GUESS]."""
 
-    def validate(self) -> None:
-        """Check the Hash fields."""
-        super().validate()
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
-        if not 1 <= self.top_k <= self.pool_size:
-            raise ValueError(f"top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
-        if self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be >= 1, got {self.prompt_length}")
-        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise ValueError(f"layers must be distinct non-negative block indices, got {self.layers}")
-        if self.delta < 0:
-            raise ValueError(f"delta must be >= 0, got {self.delta}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if self.active_set_size is not None and not 0 <= self.active_set_size <= self.pool_size:
-            raise ValueError(
-                f"active_set_size must be in [0, {self.pool_size}] or None, got {self.active_set_size}"
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> HashConfig:
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise FieldProblem("layers", f"must be distinct block indices, at least one (got {self.layers})")
+        if self.top_k > self.pool_size:
+            raise FieldProblem("top_k", f"must be <= pool_size={self.pool_size} (got {self.top_k})")
+        if self.active_set_size is not None and self.active_set_size > self.pool_size:
+            raise FieldProblem(
+                "active_set_size",
+                f"must be <= pool_size={self.pool_size} or null (got {self.active_set_size})",
             )
-        if self.prompt_init not in {"uniform", "zero"}:
-            raise ValueError(f"prompt_init must be 'uniform' or 'zero', got {self.prompt_init!r}")
-        if self.tii not in TII_KINDS:
-            raise ValueError(f"tii must be one of {TII_KINDS}, got {self.tii!r}")
-        if not 0.0 <= self.tii_shrinkage <= 1.0:
-            raise ValueError(f"tii_shrinkage must be in [0, 1], got {self.tii_shrinkage}")
+        return self
 
 
 class Routing(NamedTuple):

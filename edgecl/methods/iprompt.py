@@ -20,100 +20,95 @@ classes masked plus ``match_lambda * mean(1 - cos(k_j, K[i*]))`` whose gradient 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT, LayerHooks
+from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.layers import pool_bounds
 from edgecl.methods.registry import register_method
 
 __all__ = ["IPrompt", "IPromptConfig", "IPromptPool", "match_tokens"]
 
-PROMPT_TARGETS = ("image_tokens", "cls_token")
-READOUTS = ("cls_attn", "match_sim", "mean", "cls")
-ALLOCATIONS = ("per_task", "shared")
-TRAIN_MATCH = ("current", "all")
+PromptTarget = Literal["image_tokens", "cls_token"]
+Readout = Literal["cls_attn", "match_sim", "mean", "cls"]
+Allocation = Literal["per_task", "shared"]
+TrainMatch = Literal["current", "all"]
+PROMPT_TARGETS: tuple[str, ...] = get_args(PromptTarget)
+READOUTS: tuple[str, ...] = get_args(Readout)
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+TRAIN_MATCH: tuple[str, ...] = get_args(TrainMatch)
 
 
-@dataclass
 class IPromptConfig(MethodConfig):
     """I-Prompt settings. Sources: [paper-sum] seed 003, [abstract], digest §2.2 choices marked [GUESS]."""
 
-    lr: float = 5e-3
+    lr: float = Field(5e-3, gt=0)
     """Adam learning rate [GUESS, digest §2.2: DualPrompt/L2P protocol Adam 0.005]."""
-    schedule: str = "constant"
+    schedule: Literal["cosine", "constant"] = "constant"
     """Constant learning rate [GUESS, digest §2.2: DualPrompt/L2P protocol]."""
-    layers: tuple[int, ...] = (2, 3, 4, 5)
+    layers: BlockIndices = (2, 3, 4, 5)
     """Prompted blocks, 0-based; "intermediate layers" [paper-sum], blocks 2-5 [GUESS, digest §2.3]."""
-    pool_size: int = 100
+    pool_size: int = Field(100, ge=1)
     """Pool entries (key + prompt, one D-vector each) per prompted layer [GUESS, digest §2.3: 10 per task
-    for 10 tasks]. With ``allocation=per_task`` it is split evenly over ``expected_tasks``."""
-    allocation: str = "per_task"
-    """``per_task``: task t owns entries [t*M/T, (t+1)*M/T), earlier entries are frozen (detached) and
-    later ones unused until their task; ``shared``: all M entries are used and trained in every task
-    [GUESS, digest §2.2 "train only entries allocated to the current task"]."""
-    train_match: str = "current"
+    for 10 tasks]. With ``allocation=per_task`` it is split over ``expected_tasks``: ``pool_size //
+    expected_tasks`` per task, the remainder one more each for the first tasks (100 over 3 -> 34, 33, 33);
+    left unset it grows to ``expected_tasks`` for more than 100 tasks."""
+    allocation: Allocation = "per_task"
+    """``per_task``: task t owns its split of the entries (see ``pool_size``), earlier entries are frozen
+    (detached) and later ones unused until their task; ``shared``: all M entries are used and trained in
+    every task [GUESS, digest §2.2 "train only entries allocated to the current task"]."""
+    train_match: TrainMatch = "current"
     """With ``per_task``: during training match tokens against ``current`` = the current task's entries
     only, or ``all`` allocated entries (earlier ones frozen). Inference always matches against all
     allocated entries. ``current`` keeps fresh keys from never being selected (and so never trained)
     when older keys already sit on the token distribution [GUESS, edgecl choice]."""
-    prompt_target: str = "image_tokens"
+    prompt_target: PromptTarget = "image_tokens"
     """``image_tokens``: match and prompt every image token, CLS excluded [paper-sum]; ``cls_token``: match
     the CLS token's key and prompt the CLS token only (the ablation the seed's claim is about)."""
-    readout: str = "cls_attn"
+    readout: Readout = "cls_attn"
     """Head input. ``cls_attn``: image tokens weighted by the last block's CLS->patch attention, averaged
     over heads and renormalised over image tokens [GUESS, digest §2.2]; ``match_sim``: weights ∝ the
     matched cosine averaged over prompted layers (detached, clamped >= 0) [GUESS, digest alternative];
     ``mean``: uniform average of image tokens; ``cls``: the CLS token (no image-token readout)."""
-    match_lambda: float = 0.1
+    match_lambda: float = Field(0.1, ge=0)
     """λ of the matching loss λ·mean(1 − cos(token key, selected key)), gradient to keys only [GUESS,
     digest §2.3, L2P-style pull constraint]."""
-    prompt_init_std: float = 0.02
+    prompt_init_std: float = Field(0.02, ge=0)
     """Prompts ~ N(0, std²) so training starts near the pretrained function; 0 = zeros [GUESS, digest
     §2.2 lists N(0, 0.02) or U(-1, 1)]."""
-    key_init: str = "uniform"
+    key_init: Literal["uniform", "normal"] = "uniform"
     """Pool keys ~ U(-1, 1) (``uniform``, L2P default) or N(0, 1) (``normal``) [GUESS, digest §2.2]."""
     match_stats: bool = True
     """After each task, one no-grad pass over its training images (eval transform) measures how often
     their tokens pick the task's own entries among all allocated ones (``per_task`` only); reported as
     ``iprompt_own_entry_rate`` / ``iprompt_match_cos``. Not part of any training step [edgecl choice]."""
 
-    def validate(self) -> None:
-        """Check the shared fields and the I-Prompt choices."""
-        super().validate()
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("allocation", "per_task") == "per_task":
+            return cls._grow_with_tasks(data, "pool_size")
+        return data
+
+    @model_validator(mode="after")
+    def _choices_fit(self) -> IPromptConfig:
         if not self.layers:
-            raise ValueError("layers must name at least one prompted block")
-        if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
-            raise ValueError(f"layers must be distinct non-negative block indices, got {self.layers}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
-        if self.allocation == "per_task" and self.pool_size % self.expected_tasks:
-            raise ValueError(
-                f"pool_size={self.pool_size} must be divisible by expected_tasks={self.expected_tasks} "
-                "with allocation='per_task'"
-            )
-        if self.train_match not in TRAIN_MATCH:
-            raise ValueError(f"train_match must be one of {TRAIN_MATCH}, got {self.train_match!r}")
-        if self.prompt_target not in PROMPT_TARGETS:
-            raise ValueError(f"prompt_target must be one of {PROMPT_TARGETS}, got {self.prompt_target!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+            raise FieldProblem("layers", "must name at least one prompted block")
+        if len(set(self.layers)) != len(self.layers):
+            raise FieldProblem("layers", f"must be distinct block indices (got {self.layers})")
+        if self.allocation == "per_task":
+            self._check_pool("pool_size")
         if self.readout == "match_sim" and self.prompt_target != "image_tokens":
-            raise ValueError(
-                "readout='match_sim' needs prompt_target='image_tokens' (one cosine per image token)"
+            raise FieldProblem(
+                "readout", "'match_sim' needs prompt_target='image_tokens' (one cosine per image token)"
             )
-        if self.match_lambda < 0:
-            raise ValueError(f"match_lambda must be >= 0, got {self.match_lambda}")
-        if self.prompt_init_std < 0:
-            raise ValueError(f"prompt_init_std must be >= 0, got {self.prompt_init_std}")
-        if self.key_init not in {"uniform", "normal"}:
-            raise ValueError(f"key_init must be 'uniform' or 'normal', got {self.key_init!r}")
+        return self
 
 
 def match_tokens(token_keys: Tensor, pool_keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,9 +125,10 @@ def match_tokens(token_keys: Tensor, pool_keys: Tensor) -> tuple[Tensor, Tensor]
 class IPromptPool(nn.Module):
     """Per prompted layer: keys ``K_l`` (``M x D``) and prompts ``P_l`` (``M x D``), optionally per task.
 
-    With ``per_task`` allocation task t trains entries ``[t*M/T, (t+1)*M/T)``; entries of earlier tasks
-    are detached (frozen) and inference uses ``[0, (t+1)*M/T)``. With ``shared`` every entry is used and
-    trained in every task.
+    With ``per_task`` allocation task t trains its own entries (:func:`~edgecl.methods.layers.split_pool`:
+    M // T each, the remainder spread over the first tasks); entries of earlier tasks are detached
+    (frozen) and inference uses every entry up to the current task's end. With ``shared`` every entry is
+    used and trained in every task.
     """
 
     def __init__(
@@ -150,7 +146,7 @@ class IPromptPool(nn.Module):
         self.pool_size = pool_size
         self.num_tasks = num_tasks
         self.allocation = allocation
-        self.per_task = pool_size // num_tasks if allocation == "per_task" else pool_size
+        self.bounds = pool_bounds(pool_size, num_tasks) if allocation == "per_task" else [0, pool_size]
         self.prompt_init_std = prompt_init_std
         self.key_init = key_init
         self.task = 0
@@ -184,7 +180,7 @@ class IPromptPool(nn.Module):
         """(first, end) entries trained in the current task."""
         if self.allocation == "shared":
             return 0, self.pool_size
-        return self.task * self.per_task, (self.task + 1) * self.per_task
+        return self.bounds[self.task], self.bounds[self.task + 1]
 
     def set_task(self, task: int, reinit: bool = True) -> None:
         """Switch to ``task``; with ``per_task`` allocation (re-)initialise its entries when ``reinit``."""

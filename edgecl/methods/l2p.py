@@ -2,42 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgecl.backbone import FrozenViT
+from edgecl.config import BlockIndices, EvenLength, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase
 from edgecl.methods.registry import register_method
 
 __all__ = ["L2P", "L2PConfig"]
 
 
-@dataclass
 class L2PConfig(MethodConfig):
     """L2P++ settings from CODA-Prompt's zoo.py (digest §9)."""
 
-    layers: tuple[int, ...] = (0,)
+    layers: BlockIndices = (0,)
     """Prefix-tuned blocks: layer 0 is CODA's L2P++; (0, 1, 2, 3, 4) gives "Deep L2P++"."""
-    pool_size: int = 30
-    """Prompts in the shared pool [CODA --prompt_param 30 20 -1]."""
-    prompt_length: int = 20
+    pool_size: int = Field(30, ge=1)
+    """Prompts in the shared pool [CODA --prompt_param 30 20 -1] (shared by all tasks, any task count)."""
+    prompt_length: EvenLength = 20
     """Length of each prompt: first half prefix keys, second half values [CODA]."""
-    top_k: int = 5
-    """Prompts selected per image by key matching [CODA]."""
-    pull_constraint: float = 1.0
+    top_k: int = Field(5, ge=1)
+    """Prompts selected per image by key matching [CODA]; at most ``pool_size``."""
+    pull_constraint: float = Field(1.0, ge=0)
     """Weight of the key-matching loss mean_b Σ_k (1 − cos(q, K_k)) [cps-prompt pull_constraint_coeff].
     CODA sums over the batch; edgecl averages over it (choice: batch-size independent)."""
 
-    def validate(self) -> None:
-        """Check pool/selection sizes."""
-        super().validate()
-        if not 1 <= self.top_k <= self.pool_size:
-            raise ValueError(f"top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
-        if self.prompt_length < 2 or self.prompt_length % 2:
-            raise ValueError(f"prompt_length must be an even number >= 2, got {self.prompt_length}")
+    @model_validator(mode="after")
+    def _top_k_in_pool(self) -> L2PConfig:
+        if self.top_k > self.pool_size:
+            raise FieldProblem("top_k", f"must be <= pool_size={self.pool_size} (got {self.top_k})")
+        return self
 
 
 @register_method("l2p")

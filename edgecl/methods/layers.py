@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CodaPromptPool", "ExpandableHead", "gram_schmidt_"]
+__all__ = ["CodaPromptPool", "ExpandableHead", "gram_schmidt_", "pool_bounds", "split_pool"]
 
 
 class ExpandableHead(nn.Module):
@@ -47,6 +47,32 @@ class ExpandableHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def split_pool(pool_size: int, num_tasks: int) -> list[int]:
+    """Components per task when ``pool_size`` is split over ``num_tasks``: ``pool_size // num_tasks`` each,
+    the remainder one more each for the first tasks (100 over 3 -> 34, 33, 33), so every component is used.
+
+    The reference (CODA-Prompt ``zoo.py``) floors instead and leaves the last ``pool_size % num_tasks``
+    components unused; with a divisible pool (100 over 10) both give the same split.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"the pool must be split over at least one task, got {num_tasks}")
+    if pool_size < num_tasks:
+        raise ValueError(
+            f"pool_size={pool_size} gives fewer than one component per task for {num_tasks} tasks; "
+            f"use a pool of at least {num_tasks}"
+        )
+    base, extra = divmod(pool_size, num_tasks)
+    return [base + (1 if t < extra else 0) for t in range(num_tasks)]
+
+
+def pool_bounds(pool_size: int, num_tasks: int) -> list[int]:
+    """Start offsets of every task's components plus the end: task t owns ``[b[t], b[t+1])``."""
+    bounds = [0]
+    for size in split_pool(pool_size, num_tasks):
+        bounds.append(bounds[-1] + size)
+    return bounds
+
+
 def gram_schmidt_(vectors: Tensor, start: int, end: int) -> None:
     """Re-initialise rows ``start:end`` of ``vectors`` (``M x ...``) orthonormal to rows ``0:end``.
 
@@ -68,9 +94,10 @@ def gram_schmidt_(vectors: Tensor, start: int, end: int) -> None:
 class CodaPromptPool(nn.Module):
     """CODA-Prompt prefix prompts: per layer K, A (M x D) and P (M x L x D); α = cos(q ⊙ A, K).
 
-    The pool of M components is split evenly over ``num_tasks``; task t trains components
-    ``[t*M/T, (t+1)*M/T)`` and uses ``[0, (t+1)*M/T)``, the earlier ones detached
-    [CODA-Prompt models/zoo.py; cps-prompt models/prompt_utils/prompt.py].
+    The pool of M components is split over ``num_tasks`` by :func:`split_pool` (M // T each, the remainder
+    spread over the first tasks); task t trains its own components ``[b_t, b_{t+1})`` and uses
+    ``[0, b_{t+1})``, the earlier ones detached [CODA-Prompt models/zoo.py; cps-prompt
+    models/prompt_utils/prompt.py, which floor M / T].
     """
 
     def __init__(
@@ -83,15 +110,13 @@ class CodaPromptPool(nn.Module):
         ortho_mu: float = 0.0,
     ) -> None:
         super().__init__()
-        if pool_size % num_tasks:
-            raise ValueError(f"pool_size={pool_size} must divide evenly over expected_tasks={num_tasks}.")
+        self.bounds = pool_bounds(pool_size, num_tasks)
         if length % 2:
             raise ValueError(f"prompt length must be even (half keys, half values), got {length}.")
         self.layers = tuple(layers)
         self.pool_size = pool_size
         self.length = length
         self.num_tasks = num_tasks
-        self.per_task = pool_size // num_tasks
         self.ortho_mu = ortho_mu
         self.task = 0
         for layer in self.layers:
@@ -105,7 +130,7 @@ class CodaPromptPool(nn.Module):
 
     def component_range(self, task: int) -> tuple[int, int]:
         """(first trainable, end) components while training ``task``."""
-        return task * self.per_task, (task + 1) * self.per_task
+        return self.bounds[task], self.bounds[task + 1]
 
     def set_task(self, task: int, reinit: bool = True) -> None:
         """Switch to ``task``: Gram–Schmidt-initialise its components (when ``reinit``)."""

@@ -7,35 +7,32 @@ are computed once per task (``transform=eval``). The head-only floor every promp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
-from edgecl.methods.analytic import AnalyticHeadMixin, check_phase2_head
+from pydantic import Field, model_validator
+
+from edgecl.methods.analytic import AnalyticHeadMixin, Phase2Head, check_head_transform
 from edgecl.methods.base import Method, MethodConfig, Phase
 from edgecl.methods.registry import register_method
 
 __all__ = ["LinearProbe", "LinearProbeConfig"]
 
 
-@dataclass
 class LinearProbeConfig(MethodConfig):
     """Linear-probe settings (the optimiser fields are shared with every method)."""
 
-    transform: str = "eval"
+    transform: Literal["eval", "train"] = "eval"
     """``eval``: deterministic features, cached once per task (an edgecl choice: the probe costs one pass);
     ``train``: random crop + flip, recomputed every step."""
-    phase2_head: str = "sgd"
+    phase2_head: Phase2Head = "sgd"
     """``sgd`` (optimiser epochs), ``prototype`` or ``ridge`` (closed form from one pass; see cps_prompt)."""
-    ridge_lambda: float = 1.0
+    ridge_lambda: float = Field(1.0, gt=0)
     """λ of the ``ridge`` head (as cps_prompt's)."""
 
-    def validate(self) -> None:
-        """Check the transform and the head."""
-        super().validate()
-        if self.transform not in {"eval", "train"}:
-            raise ValueError(f"transform must be eval|train, got {self.transform!r}")
-        check_phase2_head(self.phase2_head, self.ridge_lambda)
-        if self.phase2_head != "sgd" and self.transform != "eval":
-            raise ValueError(f"phase2_head={self.phase2_head} needs transform=eval (got {self.transform!r})")
+    @model_validator(mode="after")
+    def _closed_form_head_needs_eval(self) -> LinearProbeConfig:
+        check_head_transform(self.phase2_head, self.transform, "transform")
+        return self
 
 
 @register_method("linear_probe")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from edgecl.methods.cps_prompt import CpsPrompt, CpsPromptConfig
 from edgecl.methods.registry import register_method
+from edgecl.sampling import SamplingMode
 
 __all__ = ["PatchDropout", "PatchDropoutConfig"]
 
 
-@dataclass
 class PatchDropoutConfig(CpsPromptConfig):
     """CPS-Prompt settings with ``sampling='uniform'`` [cps-prompt --sampling uniform]."""
 
-    sampling: str = "uniform"
+    sampling: SamplingMode = "uniform"
+    """``uniform`` patches (PatchDropout); ``critical``/``topk`` turn it back into CPS."""
 
 
 @register_method("patchdropout")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from edgecl.backbone import FrozenViT
 from edgecl.methods.base import Method, MethodConfig
 
-__all__ = ["build_config", "create_method", "get_method_class", "list_methods", "register_method"]
+__all__ = [
+    "build_config",
+    "coerce_options",
+    "create_method",
+    "get_method_class",
+    "list_methods",
+    "register_method",
+]
 
 _REGISTRY: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type[Method])
@@ -48,22 +54,20 @@ def get_method_class(name: str) -> type[Method]:
 
 
 def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> MethodConfig:
-    """The method's config dataclass with ``overrides`` applied; unknown keys are an error naming them."""
-    cls = get_method_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method '{name}'; valid options: {', '.join(sorted(fields))}"
-        )
-    for key, value in list(overrides.items()):
-        default = getattr(cls.Config(), key)
-        if isinstance(default, tuple) and isinstance(value, list):
-            overrides[key] = tuple(value)
-    cfg = cls.Config(**overrides)
-    cfg.validate()
-    return cfg
+    """The method's config model with ``overrides`` (typed values: YAML, JSON, Python) applied.
+
+    A ``ValueError`` names the method, every unknown key (listing the valid ones) and every bad value with
+    its rule; command-line strings go through :func:`coerce_options` first.
+    """
+    return get_method_class(name).Config.from_options(overrides, where=f"method '{name}'")
+
+
+def coerce_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with string values (``--set key=value``, CLI flags) converted by the method's field types;
+    unknown keys are kept for :func:`build_config` to name."""
+    from edgecl.config import coerce_strings
+
+    return coerce_strings(get_method_class(name).Config, options, where=f"method '{name}'")
 
 
 def create_method(name: str, backbone: FrozenViT, overrides: Mapping[str, Any] | None = None) -> Method:

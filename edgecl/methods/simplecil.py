@@ -8,8 +8,6 @@ no forgetting beyond the competition of new classes. The training-free floor of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,7 +19,6 @@ from edgecl.methods.registry import register_method
 __all__ = ["SimpleCIL", "SimpleCILConfig"]
 
 
-@dataclass
 class SimpleCILConfig(MethodConfig):
     """SimpleCIL has no settings of its own (the optimiser fields are unused: nothing is trained)."""
 
