@@ -1,12 +1,23 @@
-"""Per-image inference latency: onnxruntime vs PyTorch eager, for cps_prompt after its last task.
+"""Per-image inference cost of edgecl's engines (torch, onnxruntime fp32 / int8 / fp16, optionally the dynamo
+export) against the CPS-Prompt reference's model forward, and the variants' top-1 agreement with torch fp32.
 
-Two backbones: ViT-Tiny 64 px / patch 8 with the reference weights (../shared/weights, skipped when
-absent) and ViT-Tiny 224 px / patch 16 with random weights (same cost as pretrained ones). The method is
-CPS-Prompt with its defaults (pool 100 over 10 tasks, prefixes in blocks 0-4) in the state after task 10
-(all 100 components in use, 100 classes), so both the query pass and the prompted pass run. Both engines
-get the same thread count; torch and onnxruntime runs alternate so background load hits both alike.
+Latency: cps_prompt with its defaults (pool 100 over 10 tasks, prefixes in blocks 0-4) in the state after
+task 10 (all 100 components in use, 100 classes), so both the query pass and the prompted pass run; two
+backbones: ViT-Tiny 224 px / patch 16 (random weights: same cost as pretrained ones) and the shared 64 px /
+patch 8 reference weights. The reference (``--reference PATH``: a checkout of the public CPS-Prompt code,
+imported from there, never copied) is its ``PromptModel`` forward under ``torch.no_grad`` (as its evaluation
+runs it) in the same state (task 10 of 10, 100 classes, random weights), at 224 px only (its ViT is fixed
+to 224/16); it runs in its own process, driven over a pipe, so its imports cannot touch edgecl's. Each round
+runs every engine in turn (interleaved, so background load hits all alike); CPU time is the steadier figure
+on shared cores.
 
-    .venv/bin/python benchmarks/onnx_latency.py --threads 2 --batches 1 32 --json out.json
+Agreement (``--holdout DIR``): cps_prompt trained on the first classes of the shared hold-out over the
+reference weights, exported in each precision; top-1 agreement with torch fp32 and accuracy on the val
+images of the learned classes.
+
+    python benchmarks/onnx_latency.py --threads 1 --batches 1 16 --reference ../ref/cps-prompt \\
+        --holdout ../shared/datasets/tinyimagenet-100-heldout --dynamo \\
+        --json benchmarks/results/onnx_latency.json
 """
 
 from __future__ import annotations
@@ -16,132 +27,380 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnxruntime
 import torch
 
-from edgecl.backbone import FrozenViT, load_backbone
-from edgecl.export import OnnxPredictor, TorchPredictor, export_model
-from edgecl.methods import TaskInfo, create_method
-from edgecl.train.model_io import LoadedModel
-
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "weights" / "vit_tiny_p8_64_tin100.safetensors"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+REFERENCE_WEIGHTS = REPO.parent / "shared" / "weights" / "vit_tiny_p8_64_tin100.safetensors"
 TASKS, CLASSES_PER_TASK = 10, 10
+PRECISIONS = ("fp32", "int8", "fp16")
 
 
-def build(backbone: FrozenViT) -> LoadedModel:
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def images(batch: int, size: int) -> torch.Tensor:
+    """The same normalised random batch in every process."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def time_call(
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int
+) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of ``repeats`` calls of ``fn(x)``."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn(x)
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return wall, cpu
+
+
+# ---- the reference, in its own process ------------------------------------------------------------------
+def reference_model(path: Path) -> torch.nn.Module:
+    """The reference's ``PromptModel`` (ViT-Tiny 224/16, CODA pool 100 x 8 in blocks 0-4, 100 classes) as
+    after its 10th task, built from the checkout at ``path`` with random weights."""
+    # its models/__init__.py chdirs and imports the whole training stack (kornia, datasets): bind the package
+    # name to its directory so only the network's own modules load
+    pkg = types.ModuleType("models")
+    pkg.__path__ = [str(path / "models")]
+    sys.modules["models"] = pkg
+    sys.path.insert(0, str(path))
+    import timm
+
+    create = timm.create_model
+
+    def offline(*args: Any, **kwargs: Any) -> Any:  # it asks timm for pretrained weights: not reachable here
+        return create(*args, **{**kwargs, "pretrained": False})
+
+    timm.create_model = offline
+    from models.cps_prompt_utils.model import PromptModel  # type: ignore[import-not-found]
+
+    args = argparse.Namespace(
+        vit_type="tiny",
+        reduction_ratio=0.5,
+        sampling="critical_score",
+        temperature=1.0,
+        e_prompt_pool_size=100,
+        e_prompt_length=8,
+        ortho_mu=0.0,
+        e_prompt_layer_idx=[0, 1, 2, 3, 4],
+        n_tasks=TASKS,
+    )
+    torch.manual_seed(0)
+    model = PromptModel(
+        args,
+        num_classes=TASKS * CLASSES_PER_TASK,
+        pretrained=True,
+        prompt_flag="coda",
+        prompt_param=[100, 8, 0.0],
+    )
+    model.prompt.task_count = TASKS - 1
+    return model.eval()
+
+
+def reference_worker(path: Path, threads: int) -> int:
+    """Serve timing requests ``"batch repeats"`` on stdin with JSON lines on stdout."""
+    torch.set_num_threads(threads)
+    model = reference_model(path)
+
+    @torch.no_grad()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    forward(images(1, 224))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        batch, repeats = (int(v) for v in line.split())
+        x = images(batch, 224)
+        forward(x)  # warm-up at this batch size
+        wall, cpu = time_call(forward, x, repeats)
+        print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+    return 0
+
+
+class Reference:
+    """The reference worker process."""
+
+    def __init__(self, path: Path, threads: int, pin: int | None) -> None:
+        cmd = [sys.executable, __file__, "--reference-worker", str(path), "--threads", str(threads)]
+        if pin is not None:
+            cmd += ["--pin", str(pin)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready = self._reply()
+        assert ready.get("ready"), ready
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the reference worker exited")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def time(self, batch: int, repeats: int) -> tuple[list[float], list[float]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{batch} {repeats}\n")
+        self.proc.stdin.flush()
+        out = self._reply()
+        return out["wall"], out["cpu"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ---- edgecl ----------------------------------------------------------------------------------------------
+def build(backbone: Any) -> Any:
     """cps_prompt over ``backbone`` as after its last task (all components, all classes)."""
+    from edgecl.methods import TaskInfo, create_method
+    from edgecl.train.model_io import LoadedModel
+
     torch.manual_seed(0)
     method = create_method("cps_prompt", backbone, {"expected_tasks": TASKS})
     last = TASKS - 1
-    method.begin_task(
-        TaskInfo(
-            last, list(range(last * CLASSES_PER_TASK, TASKS * CLASSES_PER_TASK)), last * CLASSES_PER_TASK
-        )
-    )
+    first = last * CLASSES_PER_TASK
+    method.begin_task(TaskInfo(last, list(range(first, TASKS * CLASSES_PER_TASK)), first))
     method.eval()
     names = [f"class-{i:03d}" for i in range(TASKS * CLASSES_PER_TASK)]
     return LoadedModel(method, names, {"method": "cps_prompt", "seq": 0, "task": last})
 
 
-def time_batches(
-    fns: dict[str, Any], x: torch.Tensor, repeats: int, warmup: int
-) -> dict[str, tuple[list[float], list[float]]]:
-    """(wall seconds, process CPU seconds) per call of each function on ``x``, calls interleaved.
+def exports(model: Any, workdir: Path, label: str, dynamo: bool) -> dict[str, Any]:
+    """ExportInfo per variant name (fp32, int8, fp16, and dynamo fp32 when asked)."""
+    from edgecl.export import export_model
 
-    CPU time is what a call costs without contention: on shared cores it is the steadier figure, and at
-    one thread it equals the wall time on an idle machine.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn(x)
-    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn(x)
-            times[name][0].append(time.perf_counter() - wall)
-            times[name][1].append(time.process_time() - cpu)
-    return times
+    out = {}
+    for precision in PRECISIONS:
+        out[precision] = export_model(model, workdir / f"{label}-{precision}.onnx", precision=precision)
+    if dynamo:
+        out["dynamo"] = export_model(model, workdir / f"{label}-dynamo.onnx", exporter="dynamo")
+    for name, info in out.items():
+        print(f"  exported {name}: {info.size_bytes / 1e6:.1f} MB in {info.seconds:.1f} s", flush=True)
+    return out
 
 
 def run_config(
-    label: str, backbone: FrozenViT, args: argparse.Namespace, workdir: Path
-) -> list[dict[str, Any]]:
-    """Export, then time both engines at each batch size."""
+    label: str, backbone: Any, args: argparse.Namespace, workdir: Path, reference: Reference | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Export, then time every engine at each batch size in interleaved rounds."""
+    from edgecl.export import OnnxPredictor, TorchPredictor
+
+    print(label, flush=True)
     model = build(backbone)
-    info = export_model(model, workdir / f"{label}.onnx")
-    ort_pred = OnnxPredictor(info.path, providers=["CPUExecutionProvider"], threads=args.threads)
-    torch_pred = TorchPredictor(model)
+    infos = exports(model, workdir, label.split()[0], args.dynamo)
+    engines: dict[str, Callable[[torch.Tensor], Any]] = {"torch": TorchPredictor(model).logits}
+    for name, info in infos.items():
+        pred = OnnxPredictor(info.path, providers=["CPUExecutionProvider"], threads=args.threads)
+        engines["onnxruntime" if name == "fp32" else f"onnxruntime-{name}"] = pred.logits
     s = backbone.info.img_size
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(batch))
-        reps = max(3, args.repeats if batch == 1 else args.repeats // 4)
-        t = time_batches({"torch": torch_pred.logits, "onnxruntime": ort_pred.logits}, x, reps, args.warmup)
-        row: dict[str, Any] = {"config": label, "batch": batch, "img_size": s, "repeats": reps}
-        for engine, (wall, cpu) in t.items():
-            row[f"{engine}_ms_per_image"] = 1000 * statistics.median(wall) / batch
-            row[f"{engine}_ms_per_image_min"] = 1000 * min(wall) / batch
-            row[f"{engine}_cpu_ms_per_image"] = 1000 * statistics.median(cpu) / batch
-        row["speedup"] = row["torch_ms_per_image"] / row["onnxruntime_ms_per_image"]
-        row["cpu_speedup"] = row["torch_cpu_ms_per_image"] / row["onnxruntime_cpu_ms_per_image"]
-        row["parity_max_abs"] = info.parity_max_abs
+        x = images(batch, s)
+        reps = max(2, args.repeats if batch == 1 else args.repeats // 4)
+        for fn in engines.values():
+            fn(x)  # warm-up
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in engines}
+        use_ref = reference is not None and s == 224
+        if use_ref:
+            times["reference"] = ([], [])
+        for _ in range(args.rounds):
+            for name, fn in engines.items():
+                wall, cpu = time_call(fn, x, reps)
+                times[name][0].extend(wall)
+                times[name][1].extend(cpu)
+            if use_ref:
+                assert reference is not None
+                wall, cpu = reference.time(batch, reps)
+                times["reference"][0].extend(wall)
+                times["reference"][1].extend(cpu)
+        row: dict[str, Any] = {"config": label, "batch": batch, "img_size": s, "calls": reps * args.rounds}
+        for name, (wall, cpu) in times.items():
+            row[f"{name}_ms_per_image"] = 1000 * statistics.median(wall) / batch
+            row[f"{name}_cpu_ms_per_image"] = 1000 * statistics.median(cpu) / batch
+        base = "reference" if use_ref else "torch"
+        row["baseline"] = base
+        for name in times:
+            row[f"{name}_cpu_speedup_vs_{base}"] = (
+                row[f"{base}_cpu_ms_per_image"] / row[f"{name}_cpu_ms_per_image"]
+            )
         rows.append(row)
         print(
-            f"{label:28s} batch {batch:3d}  wall ms/img: torch {row['torch_ms_per_image']:7.2f}  onnxruntime "
-            f"{row['onnxruntime_ms_per_image']:7.2f} (x{row['speedup']:.2f})   CPU ms/img: torch "
-            f"{row['torch_cpu_ms_per_image']:7.2f}  onnxruntime {row['onnxruntime_cpu_ms_per_image']:7.2f} "
-            f"(x{row['cpu_speedup']:.2f})",
+            f"  batch {batch:3d}  CPU ms/img  "
+            + "  ".join(
+                f"{n} {row[f'{n}_cpu_ms_per_image']:.2f} (x{row[f'{n}_cpu_speedup_vs_{base}']:.2f})"
+                for n in times
+            ),
             flush=True,
         )
-    return rows
+    sizes = {
+        name: {
+            "size_mb": info.size_bytes / 1e6,
+            "export_s": info.seconds,
+            "parity_max_abs": info.parity_max_abs,
+        }
+        for name, info in infos.items()
+    }
+    return rows, sizes
+
+
+def agreement(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Train cps_prompt on the hold-out's first classes; each precision's top-1 agreement with torch fp32."""
+    from edgecl.backbone import load_backbone
+    from edgecl.data.stream import from_image_folder
+    from edgecl.export import OnnxPredictor, TorchPredictor, export_model
+    from edgecl.methods import create_method
+    from edgecl.train import TrainConfig, Trainer
+    from edgecl.train.model_io import load_model
+
+    bb = load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, weights=args.weights)
+    info = bb.info
+    stream = from_image_folder(
+        args.holdout,
+        args.agree_tasks,
+        img_size=info.img_size,
+        mean=info.mean,
+        std=info.std,
+        num_classes=args.agree_classes,
+        limit_per_class=args.agree_limit,
+    )
+    torch.manual_seed(0)
+    method = create_method("cps_prompt", bb, {"expected_tasks": args.agree_tasks})
+    start = time.perf_counter()
+    model_dir = workdir / "agree-model"
+    result = Trainer(
+        method, stream, TrainConfig(epochs=args.agree_epochs, batch_size=16, model_dir=str(model_dir))
+    ).fit()
+    print(f"agreement model trained in {time.perf_counter() - start:.0f} s: {result['accuracy_matrix'][-1]}")
+    model = load_model(model_dir, backbone=bb)
+    test = [(x, int(y)) for task in stream.tasks for x, y in task.test]
+    x = torch.stack([t for t, _ in test])
+    y = torch.tensor([label for _, label in test])
+    ref = torch.cat([TorchPredictor(model).logits(x[i : i + 64]) for i in range(0, len(x), 64)])
+    out: dict[str, Any] = {
+        "holdout": str(args.holdout),
+        "classes": args.agree_classes,
+        "tasks": args.agree_tasks,
+        "train_images_per_class": args.agree_limit,
+        "epochs": args.agree_epochs,
+        "val_images": len(x),
+        "torch_fp32_accuracy": float((ref.argmax(1) == y).float().mean()),
+    }
+    for precision in PRECISIONS:
+        exp = export_model(model, workdir / f"agree-{precision}.onnx", precision=precision)
+        pred = OnnxPredictor(exp.path, providers=["CPUExecutionProvider"], threads=args.threads)
+        got = torch.cat([pred.logits(x[i : i + 64]) for i in range(0, len(x), 64)])
+        out[precision] = {
+            "top1_agreement_with_torch_fp32": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+            "accuracy": float((got.argmax(1) == y).float().mean()),
+            "max_abs_logit_diff": float((got - ref).abs().max()),
+            "size_mb": exp.size_bytes / 1e6,
+        }
+        print(f"  {precision}: {out[precision]}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the configurations and print (and optionally save) the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both engines")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
-        "--repeats", type=int, default=20, help="timed calls at batch 1 (a quarter at larger)"
+        "--threads", type=int, default=1, help="intra-op threads for every engine (default 1)"
     )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--weights", type=Path, default=REFERENCE, help="reference 64 px / patch 8 weights")
-    parser.add_argument("--configs", nargs="+", default=["ref64", "vit224"], choices=["ref64", "vit224"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--repeats", type=int, default=12, help="timed calls per round at batch 1 (1/4 at larger)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--pin", type=int, help="pin this process and the reference worker to this CPU")
+    parser.add_argument(
+        "--weights", type=Path, default=REFERENCE_WEIGHTS, help="reference 64 px / patch 8 weights"
+    )
+    parser.add_argument("--configs", nargs="+", default=["vit224", "ref64"], choices=["vit224", "ref64"])
+    parser.add_argument(
+        "--reference", type=Path, help="checkout of the CPS-Prompt reference code (224 px only)"
+    )
+    parser.add_argument("--dynamo", action="store_true", help="also time an export by torch.onnx dynamo=True")
+    parser.add_argument("--holdout", type=Path, help="ImageFolder hold-out for the agreement check")
+    parser.add_argument("--agree-classes", type=int, default=20)
+    parser.add_argument("--agree-tasks", type=int, default=2)
+    parser.add_argument("--agree-limit", type=int, default=40, help="train images per class")
+    parser.add_argument("--agree-epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+    parser.add_argument("--reference-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
+    if args.reference_worker:
+        return reference_worker(args.reference_worker, args.threads)
+    import onnxruntime
+
     torch.set_num_threads(args.threads)
     env = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "pinned_cpu": args.pin,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "loadavg_start": os.getloadavg(),
+        "reference": str(args.reference) if args.reference else None,
     }
     print(json.dumps(env), flush=True)
+    from edgecl.backbone import load_backbone
+
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if "ref64" in args.configs:
-            if args.weights.is_file():
-                bb = load_backbone("vit_tiny_patch16_224", img_size=64, patch_size=8, weights=args.weights)
-                rows += run_config("vit_tiny_p8_64 (reference)", bb, args, Path(tmp))
-            else:
-                print(f"skipping ref64: {args.weights} not found", file=sys.stderr)
-        if "vit224" in args.configs:
-            rows += run_config(
-                "vit_tiny_p16_224 (random)", load_backbone("vit_tiny_patch16_224"), args, Path(tmp)
-            )
+    sizes: dict[str, Any] = {}
+    doc: dict[str, Any] = {"env": env}
+    reference = Reference(args.reference, args.threads, args.pin) if args.reference else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for config in args.configs:
+                if config == "vit224":
+                    label, bb = "vit_tiny_p16_224 (random)", load_backbone("vit_tiny_patch16_224")
+                elif args.weights.is_file():
+                    label = "vit_tiny_p8_64 (reference weights)"
+                    bb = load_backbone(
+                        "vit_tiny_patch16_224", img_size=64, patch_size=8, weights=args.weights
+                    )
+                else:
+                    print(f"skipping ref64: {args.weights} not found", file=sys.stderr)
+                    continue
+                r, sz = run_config(label, bb, args, Path(tmp), reference)
+                rows += r
+                sizes[label] = sz
+            if args.holdout:
+                doc["agreement"] = agreement(args, Path(tmp))
+    finally:
+        if reference is not None:
+            reference.close()
     env["loadavg_end"] = os.getloadavg()
+    doc.update(rows=rows, exports=sizes)
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

@@ -433,7 +433,7 @@ def test_cli_predict_lines_and_json(zoo: Zoo, image_dir: Path, capsys: pytest.Ca
     assert [t.split("\t")[:2] for t in torch_lines] == [t.split("\t")[:2] for t in lines]
     assert main(["predict", "--model", str(onnx_path), "--json", "--top-k", "9", files[0]]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["engine"] == "onnxruntime" and doc["method"] == "cps_prompt"
+    assert doc["engine"] == "onnxruntime" and doc["method"] == "cps_prompt" and doc["precision"] == "fp32"
     (pred,) = doc["predictions"]
     assert pred["image"] == files[0] and len(pred["top_k"]) == 4
     assert pred["label"] == pred["top_k"][0]["label"] and pred["prob"] == pred["top_k"][0]["prob"]

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         doc = {
             "model": str(args.model),
             "engine": predictor.engine,
+            "precision": info.extra.get("precision", "fp32"),
             "method": info.method,
             "checkpoint_seq": info.checkpoint_seq,
             "checkpoint_task": info.checkpoint_task,
