@@ -61,3 +61,31 @@ def test_fleet_settings_are_checked() -> None:
         FleetConfig(tasks=2, classes=["a", "b", "c"]).validate()
     with pytest.raises(ValueError, match="min_train_replies"):
         FleetConfig(min_train_replies=0).validate()
+
+
+def test_a_device_reads_the_daemons_store(tmp_path: Path) -> None:
+    """``--store``: every uploaded task's images by class name (held-out images as test images)."""
+    from edgecl.fleet.device import LocalData
+    from edgecl.store import Store
+
+    store = Store(tmp_path / "daemon")
+    for t, classes in enumerate((["cat", "dog"], ["fox"])):
+        staging = store.new_staging_dir()
+        manifest = []
+        for c, name in enumerate(classes):
+            for j, split in enumerate(("train", "train", "eval")):
+                rel = f"{name}/{j}.png"
+                (staging / name).mkdir(exist_ok=True)
+                (staging / rel).write_bytes(b"x")
+                manifest.append((rel, c, split))
+        counts, held_out = dict.fromkeys(classes, 2), dict.fromkeys(classes, 1)
+        store.add_task(
+            staging, name=f"t{t}", classes=classes, counts=counts, eval_counts=held_out, manifest=manifest
+        )
+    data = LocalData.from_store(tmp_path / "daemon")
+    assert data.class_names() == ["cat", "dog", "fox"]
+    assert {c: len(f) for c, f in data.train.items()} == {"cat": 2, "dog": 2, "fox": 2}
+    assert {c: len(f) for c, f in data.test.items()} == {"cat": 1, "dog": 1, "fox": 1}
+    assert all(Path(f).is_file() for files in data.train.values() for f in files)
+    with pytest.raises(FileNotFoundError, match="no edgecl store"):
+        LocalData.from_store(tmp_path / "nothing")

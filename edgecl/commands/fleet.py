@@ -84,7 +84,9 @@ def register(subparsers: Any) -> None:
     device = sub.add_parser("device", help="start a Flower SuperNode that trains on this device's images")
     _tls(device, server=False)
     device.add_argument("--superlink", required=True, metavar="HOST:PORT")
-    device.add_argument("--data", required=True, metavar="DIR", help="ImageFolder root: train/ (+ val/)")
+    source = device.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DIR", help="ImageFolder root: train/<class>/* (+ val/<class>/*)")
+    source.add_argument("--store", metavar="DIR", help="a daemon's data dir (edgecl serve --data-dir)")
     device.add_argument("--work-dir", required=True, metavar="DIR", help="committed model and round state")
     device.add_argument("--weights", metavar="FILE", help="backbone weights on this device")
     device.add_argument("--device", help="torch device (default cpu)")
@@ -214,9 +216,17 @@ def _quote(value: Any) -> str:
 
 def run_device(args: argparse.Namespace) -> int:
     """flower-supernode with this device's --node-config."""
-    node: dict[str, Any] = {"data": Path(args.data).resolve(), "work-dir": Path(args.work_dir).resolve()}
-    if not (Path(args.data) / "train").is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no train/ folder (ImageFolder layout: train/<class>/*)")
+    node: dict[str, Any] = {"work-dir": Path(args.work_dir).resolve()}
+    if args.store:
+        if not (Path(args.store) / "edgecl.db").is_file():
+            raise FileNotFoundError(f"--store {args.store}: no edgecl.db (a daemon's --data-dir is expected)")
+        node["store"] = Path(args.store).resolve()
+    else:
+        if not (Path(args.data) / "train").is_dir():
+            raise FileNotFoundError(
+                f"--data {args.data}: no train/ folder (ImageFolder layout: train/<class>/*)"
+            )
+        node["data"] = Path(args.data).resolve()
     for key in ("weights", "device", "precision", "threads", "memory_budget_mb", "profile"):
         value = getattr(args, key)
         if value is not None:

@@ -71,6 +71,29 @@ class LocalData:
                 break
         return cls(train, test)
 
+    @classmethod
+    def from_store(cls, data_dir: str | Path) -> LocalData:
+        """The images of every task uploaded to a daemon's data dir (``edgecl serve --data-dir``), by class
+        name: a task's held-out images are test images here, the others training images. The fleet's own
+        class plan decides the tasks, not the upload order."""
+        from edgecl.store import Store
+
+        if not (Path(data_dir) / "edgecl.db").is_file():
+            raise FileNotFoundError(
+                f"no edgecl store in {data_dir} (expected {Path(data_dir) / 'edgecl.db'})"
+            )
+        store = Store(data_dir)
+        train: dict[str, list[str]] = {}
+        test: dict[str, list[str]] = {}
+        for task in store.list_tasks():
+            root = store.task_path(task)
+            for rel, c, split in task.manifest:
+                into = train if split == "train" else test
+                into.setdefault(task.classes[c], []).append(str(root / rel))
+        if not train:
+            raise ValueError(f"the store in {data_dir} holds no training images; upload tasks first")
+        return cls(train, test)
+
     def class_names(self) -> list[str]:
         """Classes this device has training images of, sorted."""
         return sorted(c for c, files in self.train.items() if files)

@@ -220,9 +220,20 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 # ---- the device -------------------------------------------------------------------------------------------
-NODE_KEYS = ("data", "work-dir", "weights", "device", "precision", "threads", "memory-budget-mb", "profile")
-"""``--node-config`` keys of a SuperNode: its ImageFolder root (``train/`` + ``val/``), a folder for its
-committed model and round state, and its own RunSpec fields."""
+NODE_KEYS = (
+    "data",
+    "store",
+    "work-dir",
+    "weights",
+    "device",
+    "precision",
+    "threads",
+    "memory-budget-mb",
+    "profile",
+)
+"""``--node-config`` keys of a SuperNode: its images (``data``: an ImageFolder root with ``train/`` and
+``val/``, or ``store``: a daemon's data dir), a folder for its committed model and round state, and its own
+RunSpec fields."""
 
 
 def device_from_node_config(node_config: dict[str, Any], node_id: int | str = "device") -> FleetDevice:
@@ -230,10 +241,16 @@ def device_from_node_config(node_config: dict[str, Any], node_id: int | str = "d
     unknown = sorted(set(node_config) - set(NODE_KEYS) - {"limit-per-class"})
     if unknown:
         raise ValueError(f"unknown --node-config keys {unknown}; known: {NODE_KEYS + ('limit-per-class',)}")
-    if "data" not in node_config or "work-dir" not in node_config:
-        raise ValueError("--node-config needs data=<ImageFolder root> and work-dir=<folder>")
+    if ("data" in node_config) == ("store" in node_config) or "work-dir" not in node_config:
+        raise ValueError(
+            "--node-config needs work-dir=<folder> and one of data=<ImageFolder root> "
+            "or store=<daemon data dir>"
+        )
     limit = node_config.get("limit-per-class")
-    data = LocalData.from_image_folder(str(node_config["data"]), int(limit) if limit else None)
+    if "store" in node_config:
+        data = LocalData.from_store(str(node_config["store"]))
+    else:
+        data = LocalData.from_image_folder(str(node_config["data"]), int(limit) if limit else None)
     local: dict[str, Any] = {}
     for key in ("weights", "device", "precision", "profile"):
         if key in node_config:
