@@ -287,8 +287,10 @@ def _client_train(msg: Message, context: Context) -> Message:
         bool(cfg["evaluate"]),
     )
     reply = device.train(request)
-    content = RecordDict({"metrics": _evaluation_metrics(reply.evaluation)})
-    content["metrics"]["train-seconds"] = float(reply.train_seconds)
+    metrics = _evaluation_metrics(reply.evaluation)
+    metrics["train-seconds"] = float(reply.train_seconds)
+    metrics["num-examples"] = reply.update.num_examples if reply.update is not None else 0
+    content = RecordDict({"metrics": metrics})
     if reply.update is not None:
         u = reply.update
         content["update"] = ArrayRecord(u.tensors)
@@ -301,7 +303,6 @@ def _client_train(msg: Message, context: Context) -> Message:
                 "num-examples": json.dumps(u.num_examples),
             }
         )
-        content["metrics"]["num-examples"] = u.num_examples
     return Message(content, reply_to=msg)
 
 
