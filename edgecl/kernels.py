@@ -10,8 +10,9 @@ backward only needs the input gradient ``grad @ W``, which is the same oneDNN op
 no transposed copy is kept).
 
 Applies only where it is the same computation: CPU tensors in fp32 outside an autocast region, with
-oneDNN built in (``torch.backends.mkldnn``); everywhere else (CUDA, a Jetson, bf16/fp16 autocast) the
-callers run ``F.linear`` and timm's modules unchanged. A leaf module (torch only).
+oneDNN built in (``torch.backends.mkldnn``), and not while a graph is traced (ONNX export, TorchScript,
+torch.compile / torch.export); everywhere else (CUDA, a Jetson, bf16/fp16 autocast, exports) the callers
+run ``F.linear`` and timm's modules unchanged. A leaf module (torch only).
 """
 
 from __future__ import annotations
@@ -53,13 +54,27 @@ def default_kernels() -> str:
     return value
 
 
+def _tracing() -> bool:
+    """Inside an ONNX export, a TorchScript trace or a torch.compile / torch.export graph capture, which
+    must see plain ``aten`` ops (no exporter knows the oneDNN op)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or (compiler is not None and compiler.is_compiling())
+        or (compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    )
+
+
 def fast_applies(x: Tensor) -> bool:
-    """Whether the oneDNN path computes exactly what ``F.linear`` would for ``x`` (CPU fp32, no autocast)."""
+    """Whether the oneDNN path computes what ``F.linear`` would for ``x``: CPU fp32, no autocast, and no
+    graph being traced or exported."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and onednn_available()
+        and not _tracing()
     )
 
 

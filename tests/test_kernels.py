@@ -153,3 +153,13 @@ def test_score_layer_inside_the_stack_matches(vit_pair: tuple[FrozenViT, FrozenV
         assert rel(a.scores, b.scores) < TOL and rel(a.cls, b.cls) < TOL
     finally:
         fast.score_layer = exact.score_layer = 11
+
+
+def test_traced_graphs_see_plain_aten_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ONNX export (and TorchScript / torch.compile captures) must not meet the oneDNN op."""
+    x = torch.ones(2, 3)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert not kernels.fast_applies(x)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert not kernels.fast_applies(x)

@@ -149,3 +149,33 @@ def test_reference_step_runs_from_its_checkout(bench: ModuleType, tmp_path: Path
     assert {r["mode"] for r in refs} == {"phase1", "inference"} and all(r["s_per_step"] > 0 for r in refs)
     assert refs[0]["reduction_ratio"] == 0.5 and refs[0]["reference_commit"]
     assert {r["compared"] for r in data["side_by_side"]} == {"vs_reference"}
+
+
+def test_roofline_flop_counts_by_hand() -> None:
+    spec = importlib.util.spec_from_file_location("roofline", SCRIPT.parent / "roofline.py")
+    assert spec is not None and spec.loader is not None
+    rf = importlib.util.module_from_spec(spec)
+    sys.modules["roofline"] = rf  # dataclasses look their module up
+    spec.loader.exec_module(rf)
+    d = 192
+    # one full block, 197 tokens, no prefix: qkv 3D^2 + proj D^2 + fc1/fc2 8D^2 MACs per token, attention
+    # 2 * 197^2 * D MACs (scores and weighted values); FLOPs = 2 x MACs
+    assert rf.block_fwd(197, 0, d, False) == 2 * (197 * 12 * d * d + 2 * 197 * 197 * d)
+    # CLS-only: keys/values of all tokens, the rest for one token
+    assert rf.block_fwd(197, 4, d, True) == 2 * (197 * 2 * d * d + 10 * d * d + 2 * 201 * d)
+    # backward of the first block: no qkv input gradient
+    assert rf.block_bwd(99, 4, d, False, True) == 2 * (99 * 9 * d * d + 4 * 99 * 103 * d)
+    s = rf.Shapes()
+    assert rf.kept_tokens(s, 0.5) == 99 and rf.kept_tokens(s, 0.4) == 118
+    embed = 2 * 196 * 768 * d * 16
+    # the reference embeds twice and runs its last blocks in full; edgecl inference = its phase 2 step
+    inf_e, inf_r = (
+        rf.step_flops(s, "edgecl", "inference", None),
+        rf.step_flops(s, "reference", "inference", None),
+    )
+    extra = 2 * 16 * (rf.block_fwd(197, 0, d, False) - rf.block_fwd(197, 0, d, True))
+    assert inf_r - inf_e == embed + extra
+    assert rf.step_flops(s, "edgecl", "phase2_recompute", None) == inf_e
+    assert rf.step_flops(s, "edgecl", "phase1", 0.5) < rf.step_flops(s, "edgecl", "phase1", 0.4)
+    with pytest.raises(ValueError, match="phase1"):
+        rf.step_flops(s, "edgecl", "cache_build", None)
