@@ -43,6 +43,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import side_by_side  # noqa: E402  (benchmarks/ is no package: the sibling module by path)
+
 MODES = ("phase1", "phase2_recompute", "phase2_cached", "cache_build", "inference")
 EXTRA_MODES = ("components",)
 """``components``: the phase-1 step split into query pass / forward / backward / clip + optimizer step."""
@@ -140,11 +143,105 @@ def _time_steps(fn: Callable[[], object], steps: int, warmup: int) -> tuple[list
     return wall, cpu
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (variant, mode); returns the result record (also printed as one JSON line)."""
-    t_start = time.perf_counter()
+def _pin(spec: dict[str, Any]) -> None:
+    """Pin this worker to ``spec['pin_core']`` (one core per mode process), where the OS allows it."""
+    core = spec.get("pin_core")
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(core)})
+
+
+def bench_input(spec: dict[str, Any], batch: int) -> tuple[Any, Any]:
+    """The benchmark batch, the same for edgecl and the reference: images from their own seeded
+    generator (not the global RNG, which model construction consumes differently), cyclic labels."""
+    import torch
+
+    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)) + 1)
+    x = torch.randn(batch, 3, spec["img_size"], spec["img_size"], generator=gen)
+    y = torch.tensor([i % spec["classes"] for i in range(batch)])
+    return x, y
+
+
+def _measure(fn: Callable[[], object], spec: dict[str, Any], record: dict[str, Any], x: Any) -> None:
+    """Idle RSS, ``--warmup`` + ``--steps`` timed calls of ``fn``, the peak above idle: into ``record``."""
     import gc
 
+    import torch
+
+    gc.collect()
+    idle = rss_bytes()
+    maxrss_at_idle = maxrss_bytes()
+    hwm_reset = reset_peak_rss()
+    load_seconds = time.perf_counter() - spec["_t_start"]
+    times, cpu_times = _time_steps(fn, spec["steps"], spec["warmup"])
+    peak = maxrss_bytes()
+    if spec.get("profile_dir"):
+        record["profile"] = _profile(fn, Path(spec["profile_dir"]), record["variant"], record["mode"])
+    med = statistics.median(times)
+    record.update(
+        {
+            "batch": x.shape[0],
+            "s_per_step": med,
+            "s_per_step_min": min(times),
+            "s_per_step_max": max(times),
+            "cpu_s_per_step": statistics.median(cpu_times),
+            "cpu_s_all": cpu_times,
+            "steps": len(times),
+            "warmup": spec["warmup"],
+            "idle_rss_mb": idle / MB,
+            "peak_rss_mb": peak / MB,
+            "peak_above_idle_mb": max(peak - idle, 0) / MB,
+            "rss_end_above_idle_mb": (rss_bytes() - idle) / MB,
+            "maxrss_before_reset_mb": maxrss_at_idle / MB,
+            "hwm_reset": hwm_reset,
+            "input_batch_mb": x.numel() * x.element_size() / MB,
+            "load_seconds": load_seconds,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        }
+    )
+
+
+def run_reference_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (variant, mode) of the CPS-Prompt reference code (``reference_step.py``), like
+    :func:`run_worker`: same backbone weights, input, threads, memory definition and timing."""
+    spec["_t_start"] = time.perf_counter()
+    _pin(spec)
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import timm  # noqa: F401  (part of "idle" on both sides)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import reference_step
+
+    if spec["precision"] != "fp32" or spec["backbone"] != "vit_tiny_patch16_224" or spec["img_size"] != 224:
+        raise ValueError("the reference runs only vit_tiny_patch16_224 at 224 px in fp32 (--precision fp32)")
+    ref = Path(spec["reference"])
+    name, overrides = parse_variant(spec["variant"])
+    model = reference_step.build_reference(
+        ref, name, overrides, spec["classes"], spec.get("tasks", 10), spec["epochs"], spec.get("seed", 0)
+    )
+    x, y = bench_input(spec, spec["batch"])
+    fn = reference_step.reference_step(model, spec["mode"], x, y)
+    record: dict[str, Any] = {
+        "impl": "reference",
+        "kernels": None,
+        "variant": spec["variant"],
+        "method": name,
+        "mode": spec["mode"],
+        "pid": os.getpid(),
+        "reference": str(ref),
+        "reference_commit": reference_step.reference_commit(ref),
+        "reduction_ratio": model.args.reduction_ratio,
+    }
+    _measure(fn, spec, record, x)
+    return record
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (variant, mode); returns the result record (also printed as one JSON line)."""
+    spec["_t_start"] = time.perf_counter()
+    _pin(spec)
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -168,6 +265,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         weights=spec.get("weights"),
         img_size=spec["img_size"],
         patch_size=spec["patch_size"],
+        kernels=spec.get("kernels", "auto"),
     )
     name, overrides = parse_variant(spec["variant"])
     method = create_method(name, vit, overrides)
@@ -187,11 +285,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     trainer._set_lr(0)
     mode = spec["mode"]
     batch = spec["cache_batch"] if mode == "cache_build" else spec["batch"]
-    x = torch.randn(batch, 3, spec["img_size"], spec["img_size"])
-    y = torch.tensor([classes[i % len(classes)] for i in range(batch)])
+    x, y = bench_input(spec, batch)
     feats = torch.randn(batch, vit.embed_dim)
     first_phase = method.phase(0, spec["epochs"])
     record: dict[str, Any] = {
+        "impl": "edgecl",
+        "kernels": vit.kernels,
         "variant": spec["variant"],
         "method": name,
         "mode": mode,
@@ -280,38 +379,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
             at_step_boundary()
             return out
 
-    gc.collect()
-    idle = rss_bytes()
-    maxrss_at_idle = maxrss_bytes()
-    hwm_reset = reset_peak_rss()
-    load_seconds = time.perf_counter() - t_start
-    times, cpu_times = _time_steps(fn, spec["steps"], spec["warmup"])
-    peak = maxrss_bytes()
-    if spec.get("profile_dir"):
-        record["profile"] = _profile(fn, Path(spec["profile_dir"]), spec["variant"], mode)
-    med = statistics.median(times)
-    record.update(
-        {
-            "batch": batch,
-            "s_per_step": med,
-            "s_per_step_min": min(times),
-            "s_per_step_max": max(times),
-            "cpu_s_per_step": statistics.median(cpu_times),
-            "steps": len(times),
-            "warmup": spec["warmup"],
-            "idle_rss_mb": idle / MB,
-            "peak_rss_mb": peak / MB,
-            "peak_above_idle_mb": max(peak - idle, 0) / MB,
-            "rss_end_above_idle_mb": (rss_bytes() - idle) / MB,
-            "maxrss_before_reset_mb": maxrss_at_idle / MB,
-            "hwm_reset": hwm_reset,
-            "input_batch_mb": x.numel() * x.element_size() / MB,
-            "load_seconds": load_seconds,
-            "torch_threads": torch.get_num_threads(),
-        }
-    )
+    _measure(fn, spec, record, x)
     if mode == "cache_build":
-        record["s_per_image"] = med / batch
+        record["s_per_image"] = record["s_per_step"] / batch
     if mode == "components":
         # seconds of each part (median over the timed steps); the query pass is timed alone, the forward
         # (training_loss) includes the method's own query pass where it has one
@@ -362,6 +432,7 @@ def run_task_worker(spec: dict[str, Any]) -> dict[str, Any]:
         weights=spec.get("weights"),
         img_size=spec["img_size"],
         patch_size=spec["patch_size"],
+        kernels=spec.get("kernels", "auto"),
     )
     name, overrides = parse_variant(spec["variant"])
     method = create_method(name, vit, overrides)
@@ -614,7 +685,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler op table per mode here")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     ap.add_argument("--out", default="benchmarks/results/step_bench.json")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        metavar="PATH",
+        help="a CPS-Prompt reference checkout (laymond1/cps-prompt): measure its step beside edgecl's "
+        "(coda_prompt: phase1, inference; cps_prompt: phase1, phase2_recompute, inference)",
+    )
+    ap.add_argument(
+        "--pairs",
+        default=None,
+        help="variant@mode[+mode],... to run instead of every --methods x --modes combination",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (ratios taken within a round)")
+    ap.add_argument(
+        "--kernels",
+        choices=("auto", "torch", "both"),
+        default="auto",
+        help="edgecl's backbone kernels (edgecl.kernels): auto = oneDNN on CPU fp32, torch = timm's "
+        "modules (before issue 23), both = each, interleaved",
+    )
+    ap.add_argument("--pin-core", type=int, default=None, help="pin every worker process to this CPU core")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--task-worker", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -642,8 +735,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.task_worker is not None:
         print(RESULT_MARK + json.dumps(run_task_worker(json.loads(args.task_worker))), flush=True)
         return 0
-    variants = _split_variants(args.methods) if args.methods else default_variants()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.reference_worker is not None:
+        print(RESULT_MARK + json.dumps(run_reference_worker(json.loads(args.reference_worker))), flush=True)
+        return 0
+    if args.pairs:
+        pairs = side_by_side.parse_pairs(args.pairs)
+        variants = list(dict.fromkeys(v for v, _ in pairs))
+        modes = list(dict.fromkeys(m for _, m in pairs))
+    else:
+        variants = _split_variants(args.methods) if args.methods else default_variants()
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        pairs = [(v, m) for v in variants for m in modes]
     bad = [m for m in modes if m not in MODES + EXTRA_MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES + EXTRA_MODES}")
@@ -664,27 +766,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         "classes": args.classes,
         "epochs": args.epochs,
         "profile_dir": args.profile_dir,
+        "pin_core": args.pin_core,
     }
+    kernels = ["auto", "torch"] if args.kernels == "both" else [args.kernels]
     machine = machine_info()
     print(f"# {machine.get('Model name')} | load average {machine['load_average']}", flush=True)
     results: list[dict[str, Any]] = []
-    for variant in variants:
-        for mode in modes:
-            rec = _spawn({**common, "variant": variant, "mode": mode}, "worker", args.timeout)
-            results.append(rec)
-            if "s_per_step" in rec:
-                print(
-                    f"{variant:<34} {mode:<17} {rec['s_per_step']:.3f} s/step  "
-                    f"{rec['peak_above_idle_mb']:.0f} MB above idle",
-                    flush=True,
-                )
-            elif "error" in rec:
-                print(f"{variant:<34} {mode:<17} ERROR {rec['error']}", flush=True)
+    for rnd in range(args.rounds):
+        for j, (variant, mode) in enumerate(pairs):
+            jobs = [("worker", {**common, "variant": variant, "mode": mode, "kernels": k}) for k in kernels]
+            ref = side_by_side.variant_ref(variant, mode) if args.reference else None
+            if ref is not None:
+                spec = {**common, "variant": ref, "mode": mode, "reference": args.reference}
+                jobs.append(("reference-worker", spec))
+            if (rnd + j) % 2:  # alternate which side runs first
+                jobs.reverse()
+            for kind, spec in jobs:
+                rec = _spawn(spec, kind, args.timeout)
+                rec.setdefault("impl", "reference" if kind == "reference-worker" else "edgecl")
+                rec.setdefault("kernels", spec.get("kernels"))
+                rec["round"] = rnd
+                results.append(rec)
+                tag = f"{rec['impl']}/{rec['kernels'] or '-'} r{rnd}"
+                if "s_per_step" in rec:
+                    print(
+                        f"{tag:<16} {spec['variant']:<34} {mode:<17} {rec['s_per_step']:.3f} s/step  "
+                        f"cpu {rec['cpu_s_per_step']:.3f}  {rec['peak_above_idle_mb']:.0f} MB above idle",
+                        flush=True,
+                    )
+                elif "error" in rec:
+                    print(f"{tag:<16} {spec['variant']:<34} {mode:<17} ERROR {rec['error']}", flush=True)
+    summary = side_by_side.summarize(results)
+    side_ratios = side_by_side.ratios(results, kernels)
+    main_rows = [r for r in summary if r["impl"] == "edgecl" and r["kernels"] == kernels[0]]
     coda = next((v for v in variants if parse_variant(v)[0] == "coda_prompt"), "coda_prompt")
     ratios: dict[str, Any] = {}
-    cd = _find(results, coda, "phase1")
+    cd = _find(main_rows, coda, "phase1")
     for v in variants:
-        p1 = _find(results, v, "phase1")
+        p1 = _find(main_rows, v, "phase1")
         if cd and p1 and v != coda:
             ratios[v] = {
                 "phase1_step_vs_coda": p1["s_per_step"] / cd["s_per_step"],
@@ -696,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         e
         for v in dpct
         for key in ("s_per_step", "cpu_s_per_step")
-        if (e := task_estimate(results, v, coda, *run, args.task_images, key=key))
+        if (e := task_estimate(main_rows, v, coda, *run, args.task_images, key=key))
     ]
     validation: list[dict[str, Any]] = []
     if args.validate_task:
@@ -709,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("cpu_s_per_step", "estimated_cpu_seconds"),
             ):
                 if parse_variant(v)[0] != "coda_prompt":
-                    est = task_estimate(results, v, coda, *run, args.validate_images, key=key)
+                    est = task_estimate(main_rows, v, coda, *run, args.validate_images, key=key)
                     rec[field] = est["cps_task_seconds"] if est else None
                 elif cd:
                     rec[field] = args.epochs * math.ceil(args.validate_images / args.batch) * cd[key]
@@ -736,12 +855,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method, inputs loaded); high-water mark reset to idle via /proc/self/clear_refs when hwm_reset",
         "reference": REFERENCE,
         "results": results,
+        "summary": summary,
+        "side_by_side": side_ratios,
         "ratios": ratios,
         "task_estimates": estimates,
         "task_validation": validation,
     }
     print()
-    print(format_table(results))
+    print(
+        format_table(results)
+        if args.rounds == 1 and not args.reference and len(kernels) == 1
+        else side_by_side.format_side_table(summary, side_ratios)
+    )
     for v, r in ratios.items():
         print(
             f"{v}: phase-1 step = {r['phase1_step_vs_coda']:.3f} x CODA step "

@@ -5,8 +5,10 @@
 * :meth:`FrozenViT.forward` with ``keep`` -- the token-subset pass (CLS plus the kept patches).
 
 Methods never copy the ViT forward; they pass prefixes, patch subsets or a :class:`LayerHooks` object.
-Blocks that receive no prefix and no hook run timm's own (fused) block, so an unprompted layer costs
-exactly what timm costs.
+Every block runs timm's Block math. On a CPU in fp32 (``kernels='auto'``) all blocks run it here with the
+frozen linears in oneDNN (bias, GELU and residual fused where no gradient is needed; ``edgecl.kernels``);
+with ``kernels='torch'``, or on CUDA / under autocast, blocks that receive no prefix and no hook run timm's
+own module, so an unprompted layer costs exactly what timm costs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from edgecl.kernels import KERNEL_CHOICES, default_kernels, fast_applies, frozen_linear
 
 __all__ = [
     "BackboneInfo",
@@ -129,9 +133,16 @@ class FrozenViT(nn.Module):
         score_layer: int = -1,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        kernels: str | None = None,
     ) -> None:
         super().__init__()
         _check_timm_vit(model)
+        kernels = default_kernels() if kernels is None else kernels
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r} is not a kernel choice; use one of {KERNEL_CHOICES}")
+        self.kernels = kernels
+        """``auto``: oneDNN linears for CPU fp32 passes without autocast (``edgecl.kernels``), timm's modules
+        elsewhere; ``torch``: timm's modules always (the env default ``EDGECL_KERNELS`` sets it)."""
         model.reset_classifier(0)
         model.requires_grad_(False)
         model.eval()
@@ -204,11 +215,16 @@ class FrozenViT(nn.Module):
         idx = torch.cat([pre, idx], dim=1)
         return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
-    def _qkv(self, blk: nn.Module, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _fast(self, x: Tensor) -> bool:
+        """Whether this pass runs the oneDNN linears (``kernels='auto'`` and CPU fp32 without autocast)."""
+        return self.kernels == "auto" and fast_applies(x)
+
+    def _qkv(self, blk: nn.Module, x_norm: Tensor, fast: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v of one block, each ``B x H x T x dh`` (q/k norms applied as timm does)."""
         attn = blk.attn
         b, t, d = x_norm.shape
-        qkv = attn.qkv(x_norm).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = frozen_linear(x_norm, attn.qkv.weight, attn.qkv.bias, fast)
+        qkv = qkv.reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v
 
@@ -219,12 +235,34 @@ class FrozenViT(nn.Module):
         b, lp, d = p.shape
         return p.reshape(b, lp, heads, d // heads).transpose(1, 2)
 
-    def _frozen_block(self, i: int, blk: nn.Module, x: Tensor) -> Tensor:
-        """timm's block; without autograd its MLP half runs in place (same math, two fewer large buffers).
+    def _attn_residual(self, blk: nn.Module, x: Tensor, out: Tensor, fast: bool) -> Tensor:
+        """``x + ls1(proj(out))``: the attention half's output projection and residual (fused when fast)."""
+        proj = blk.attn.proj
+        if isinstance(blk.ls1, nn.Identity):
+            return frozen_linear(out, proj.weight, proj.bias, fast, residual=x)
+        return x + blk.ls1(frozen_linear(out, proj.weight, proj.bias, fast))
 
-        The attention half is timm's own; the GELU and the second residual add write into their inputs,
-        which no one else holds when gradients are off. Other MLP types run timm's block unchanged.
+    def _mlp_residual(self, i: int, blk: nn.Module, x: Tensor, fast: bool) -> Tensor:
+        """``x + ls2(mlp(norm2(x)))``, the MLP half; timm's Mlp with GELU runs fc1+GELU and fc2+residual
+        as fused oneDNN ops when fast (without autograd), other MLP types run timm's module."""
+        if not self._inplace_mlp[i]:
+            return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        mlp = blk.mlp
+        h = frozen_linear(blk.norm2(x), mlp.fc1.weight, mlp.fc1.bias, fast, gelu=mlp.act.approximate)
+        h = mlp.norm(h)
+        if isinstance(blk.ls2, nn.Identity):
+            return frozen_linear(h, mlp.fc2.weight, mlp.fc2.bias, fast, residual=x)
+        return x + blk.ls2(frozen_linear(h, mlp.fc2.weight, mlp.fc2.bias, fast))
+
+    def _frozen_block(self, i: int, blk: nn.Module, x: Tensor) -> Tensor:
+        """A block with no prefix and no hook: the fused oneDNN path when it applies, else timm's block.
+
+        timm's path: without autograd its MLP half runs in place (the GELU and the second residual add
+        write into their inputs, which no one else holds when gradients are off; same math, two fewer
+        large buffers). Other MLP types run timm's block unchanged.
         """
+        if self._fast(x):
+            return self._block(i, blk, x, None, None)
         if torch.is_grad_enabled() or not self._inplace_mlp[i]:
             return blk(x)
         mlp = blk.mlp
@@ -236,25 +274,25 @@ class FrozenViT(nn.Module):
             return x + h
         return x.add_(h)
 
-    def _cls_qkv(self, blk: nn.Module, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _cls_qkv(self, blk: nn.Module, x_norm: Tensor, fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The qkv projection split for a CLS-only block: q of the CLS token (``B x H x 1 x dh``), k and v of
         all tokens (``B x H x T x dh``), and v with heads concatenated (``B x T x D``, a view)."""
         attn = blk.attn
         b, t, d = x_norm.shape
         h = attn.num_heads
         w, bias = attn.qkv.weight, attn.qkv.bias
-        kv = F.linear(x_norm, w[d:], None if bias is None else bias[d:])  # B x T x 2D
-        q = F.linear(x_norm[:, :1], w[:d], None if bias is None else bias[:d])  # B x 1 x D
+        kv = frozen_linear(x_norm, w[d:], None if bias is None else bias[d:], fast)  # B x T x 2D
+        q = frozen_linear(x_norm[:, :1], w[:d], None if bias is None else bias[:d], fast)  # B x 1 x D
         q = q.reshape(b, 1, h, d // h).transpose(1, 2)
         k, v = kv.reshape(b, t, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v, kv[..., d:]
 
-    def _cls_tail(self, blk: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    def _cls_tail(self, i: int, blk: nn.Module, x: Tensor, out: Tensor, fast: bool) -> Tensor:
         """Residual, output projection and MLP of a block for the CLS token only (``out``: ``B x 1 x D``)."""
-        x = x[:, :1] + blk.ls1(blk.attn.proj(out))
-        return x + blk.ls2(blk.mlp(blk.norm2(x)))
+        x = self._attn_residual(blk, x[:, :1], out, fast)
+        return self._mlp_residual(i, blk, x, fast)
 
-    def _cls_block(self, blk: nn.Module, x: Tensor, prefix: Prefix | None) -> Tensor:
+    def _cls_block(self, i: int, blk: nn.Module, x: Tensor, prefix: Prefix | None) -> Tensor:
         """The last block for the CLS token only (``B x 1 x D``), with an optional prefix.
 
         The pre-logits feature reads nothing else of the last block: every token still gives its key and
@@ -262,13 +300,14 @@ class FrozenViT(nn.Module):
         """
         b, _, d = x.shape
         h = blk.attn.num_heads
-        q, k, v, _ = self._cls_qkv(blk, blk.norm1(x))
+        fast = self._fast(x)
+        q, k, v, _ = self._cls_qkv(blk, blk.norm1(x), fast)
         if prefix is not None:
             pk, pv = prefix
             k = torch.cat([self._split_heads(pk.to(k.dtype), b, h), k], dim=2)
             v = torch.cat([self._split_heads(pv.to(v.dtype), b, h), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
-        return self._cls_tail(blk, x, out)
+        return self._cls_tail(i, blk, x, out, fast)
 
     def _block(
         self,
@@ -282,11 +321,12 @@ class FrozenViT(nn.Module):
         attn = blk.attn
         b, t, d = x.shape
         h = attn.num_heads
+        fast = self._fast(x)
         x_norm = blk.norm1(x)
         if hooks is not None and prefix is None:
             prefix = hooks.prefix(i, x_norm)
-        q, k, v = self._qkv(blk, x_norm)
-        keys_concat = k.transpose(1, 2).reshape(b, t, d)
+        q, k, v = self._qkv(blk, x_norm, fast)
+        keys_concat = k.transpose(1, 2).reshape(b, t, d) if hooks is not None else None
         if prefix is not None:
             pk, pv = prefix
             k = torch.cat([self._split_heads(pk.to(k.dtype), b, h), k], dim=2)
@@ -299,9 +339,10 @@ class FrozenViT(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, d)
         if hooks is not None:
             out = hooks.attn_out(i, x_norm, out)
-        x = x + blk.ls1(attn.proj(out))
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        x = self._attn_residual(blk, x, out, fast)
+        x = self._mlp_residual(i, blk, x, fast)
         if hooks is not None:
+            assert keys_concat is not None
             x = hooks.block_out(i, x, keys_concat)
         return x
 
@@ -340,7 +381,7 @@ class FrozenViT(nn.Module):
             prefix = prefixes.get(i)
             wants = hooks is not None and hooks.wants(i)
             if i == last and not return_tokens and not wants:
-                tokens = self._cls_block(blk, tokens, prefix)
+                tokens = self._cls_block(i, blk, tokens, prefix)
             elif prefix is None and not wants:
                 tokens = self._frozen_block(i, blk, tokens)
             else:
@@ -358,25 +399,27 @@ class FrozenViT(nn.Module):
         qkv output (heads concatenated) before the output projection -- the reference's ATS-style score.
         """
         b, t, d = tokens.shape
+        i = self.score_layer
+        fast = self._fast(tokens)
         x_norm = blk.norm1(tokens)
-        q, k, v = self._qkv(blk, x_norm)
+        q, k, v = self._qkv(blk, x_norm, fast)
         attn = blk.attn
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # B x H x 1 x T: only the CLS row
         cls_row = logits.softmax(dim=-1).sum(dim=1)[:, 0]  # B x T, summed over heads
         v_norm = v.transpose(1, 2).reshape(b, t, d).norm(dim=-1)  # B x T
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = tokens + blk.ls1(attn.proj(out))
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-        return x, cls_row * v_norm
+        x = self._attn_residual(blk, tokens, out, fast)
+        return self._mlp_residual(i, blk, x, fast), cls_row * v_norm
 
     def _cls_critical_scores(self, blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`critical_scores` of the last block, computing its output for the CLS token only."""
         b, _, d = tokens.shape
-        q, k, v, v_cat = self._cls_qkv(blk, blk.norm1(tokens))
+        fast = self._fast(tokens)
+        q, k, v, v_cat = self._cls_qkv(blk, blk.norm1(tokens), fast)
         probs = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # B x H x 1 x T: the CLS row
         scores = probs.sum(dim=1)[:, 0] * v_cat.norm(dim=-1)
         out = (probs @ v).transpose(1, 2).reshape(b, 1, d)  # the CLS row of the attention output
-        return self._cls_tail(blk, tokens, out), scores
+        return self._cls_tail(self.score_layer, blk, tokens, out, fast), scores
 
     def query(self, x: Tensor, keep_tokens: bool = False) -> QueryOutput:
         """The no-prompt query pass (no autograd): CLS feature and CPS scores of ``score_layer``.
@@ -396,7 +439,7 @@ class FrozenViT(nn.Module):
                 elif i == self.score_layer:
                     tokens, scores = self.critical_scores(blk, tokens)
                 elif i == last:
-                    tokens = self._cls_block(blk, tokens, None)
+                    tokens = self._cls_block(i, blk, tokens, None)
                 else:
                     tokens = self._frozen_block(i, blk, tokens)
             cls = self.vit.norm(tokens)[:, 0]
@@ -408,9 +451,13 @@ class FrozenViT(nn.Module):
         )
 
     def features(self, x: Tensor) -> Tensor:
-        """The plain frozen forward (timm's own), no autograd: pre-logits CLS ``B x D``."""
+        """The plain frozen forward, no autograd: pre-logits CLS ``B x D`` (timm's own forward with
+        ``kernels='torch'`` or where the oneDNN path does not apply)."""
         with torch.inference_mode():
-            out = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+            if self._fast(x):
+                out = self.forward(x)
+            else:
+                out = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
         return out.clone()
 
 
@@ -471,12 +518,14 @@ def load_backbone(
     score_layer: int = -1,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    kernels: str | None = None,
 ) -> FrozenViT:
     """Build a frozen timm ViT by name, from a local weights file, timm's hub, or random init.
 
     ``weights`` wins over ``pretrained``.  Without weights and without ``pretrained`` the backbone is
     randomly initialised (useful for tests and step benchmarks only).  Normalisation defaults to the
-    model's pretrained config (0.5/0.5 for the reference weights).
+    model's pretrained config (0.5/0.5 for the reference weights). ``kernels`` as :class:`FrozenViT`
+    (``auto`` unless ``EDGECL_KERNELS`` says ``torch``); a run-time choice, not part of ``spec``.
     """
     import timm
 
@@ -507,7 +556,7 @@ def load_backbone(
     if std is None:
         std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))  # type: ignore[assignment]
     assert mean is not None and std is not None
-    vit = FrozenViT(model, name=name, score_layer=score_layer, mean=mean, std=std)
+    vit = FrozenViT(model, name=name, score_layer=score_layer, mean=mean, std=std, kernels=kernels)
     vit.spec = {
         "name": name,
         "weights": str(Path(weights).resolve()) if weights is not None else None,

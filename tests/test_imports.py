@@ -33,6 +33,8 @@ LAYERS = {
     "edgecl.train": ("edgecl.budget", "edgecl.runner", "edgecl.commands", "edgecl.serve", "edgecl.bench"),
     "edgecl.budget": ("edgecl.runner", "edgecl.commands", "edgecl.serve", "edgecl.bench", "edgecl.export"),
     "edgecl.precision": ("edgecl.budget", "edgecl.train", "edgecl.methods"),
+    # the oneDNN linears are a leaf under the backbone (torch only)
+    "edgecl.kernels": ("edgecl.backbone", "edgecl.methods", "edgecl.train", "edgecl.budget"),
     # issue 19 / 18.9: methods know the Method contract only; the TII callback lives in edgecl.train
     "edgecl.methods": ("edgecl.train", "edgecl.budget", "edgecl.runner", "edgecl.serve", "edgecl.export"),
     # the model and data layers know nothing above them
