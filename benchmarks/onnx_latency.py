@@ -45,6 +45,14 @@ if str(REPO) not in sys.path:
 REFERENCE_WEIGHTS = REPO.parent / "shared" / "weights" / "vit_tiny_p8_64_tin100.safetensors"
 TASKS, CLASSES_PER_TASK = 10, 10
 PRECISIONS = ("fp32", "int8", "fp16")
+INT8_OPTIONS = {
+    "int8-weights": {"per_channel": False, "activation_matmuls": False},
+    "int8-weights-pc": {"per_channel": True, "activation_matmuls": False},
+    "int8-all": {"per_channel": False, "activation_matmuls": True},
+    "int8-all-pc": {"per_channel": True, "activation_matmuls": True},
+}
+"""``edgecl.export.variants.quantize_int8`` settings compared with ``--int8-options`` (``int8`` itself is the
+package default)."""
 
 
 def cpu_model() -> str:
@@ -189,8 +197,26 @@ def build(backbone: Any) -> Any:
     return LoadedModel(method, names, {"method": "cps_prompt", "seq": 0, "task": last})
 
 
-def exports(model: Any, workdir: Path, label: str, dynamo: bool) -> dict[str, Any]:
-    """ExportInfo per variant name (fp32, int8, fp16, and dynamo fp32 when asked)."""
+def int8_variant(fp32: Any, path: Path, name: str) -> Any:
+    """The fp32 export quantised with ``INT8_OPTIONS[name]``, metadata kept (an ExportInfo-like record)."""
+    import onnx
+
+    from edgecl.export.variants import quantize_int8
+
+    start = time.perf_counter()
+    quantize_int8(fp32.path, path, **INT8_OPTIONS[name])
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in {**fp32.metadata, "precision": "int8"}.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return types.SimpleNamespace(
+        path=path, size_bytes=path.stat().st_size, seconds=time.perf_counter() - start, parity_max_abs=None
+    )
+
+
+def exports(model: Any, workdir: Path, label: str, dynamo: bool, int8_options: list[str]) -> dict[str, Any]:
+    """ExportInfo per variant name (fp32, int8, fp16, dynamo fp32 and other int8 settings when asked)."""
     from edgecl.export import export_model
 
     out = {}
@@ -198,6 +224,8 @@ def exports(model: Any, workdir: Path, label: str, dynamo: bool) -> dict[str, An
         out[precision] = export_model(model, workdir / f"{label}-{precision}.onnx", precision=precision)
     if dynamo:
         out["dynamo"] = export_model(model, workdir / f"{label}-dynamo.onnx", exporter="dynamo")
+    for name in int8_options:
+        out[name] = int8_variant(out["fp32"], workdir / f"{label}-{name}.onnx", name)
     for name, info in out.items():
         print(f"  exported {name}: {info.size_bytes / 1e6:.1f} MB in {info.seconds:.1f} s", flush=True)
     return out
@@ -211,7 +239,7 @@ def run_config(
 
     print(label, flush=True)
     model = build(backbone)
-    infos = exports(model, workdir, label.split()[0], args.dynamo)
+    infos = exports(model, workdir, label.split()[0], args.dynamo, args.int8_options)
     engines: dict[str, Callable[[torch.Tensor], Any]] = {"torch": TorchPredictor(model).logits}
     for name, info in infos.items():
         pred = OnnxPredictor(info.path, providers=["CPUExecutionProvider"], threads=args.threads)
@@ -309,17 +337,21 @@ def agreement(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "val_images": len(x),
         "torch_fp32_accuracy": float((ref.argmax(1) == y).float().mean()),
     }
+    files = {}
     for precision in PRECISIONS:
-        exp = export_model(model, workdir / f"agree-{precision}.onnx", precision=precision)
+        files[precision] = export_model(model, workdir / f"agree-{precision}.onnx", precision=precision)
+    for name in args.int8_options:
+        files[name] = int8_variant(files["fp32"], workdir / f"agree-{name}.onnx", name)
+    for name, exp in files.items():
         pred = OnnxPredictor(exp.path, providers=["CPUExecutionProvider"], threads=args.threads)
         got = torch.cat([pred.logits(x[i : i + 64]) for i in range(0, len(x), 64)])
-        out[precision] = {
+        out[name] = {
             "top1_agreement_with_torch_fp32": float((got.argmax(1) == ref.argmax(1)).float().mean()),
             "accuracy": float((got.argmax(1) == y).float().mean()),
             "max_abs_logit_diff": float((got - ref).abs().max()),
             "size_mb": exp.size_bytes / 1e6,
         }
-        print(f"  {precision}: {out[precision]}", flush=True)
+        print(f"  {name}: {out[name]}", flush=True)
     return out
 
 
@@ -344,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dynamo", action="store_true", help="also time an export by torch.onnx dynamo=True")
     parser.add_argument("--holdout", type=Path, help="ImageFolder hold-out for the agreement check")
+    parser.add_argument(
+        "--int8-options",
+        nargs="*",
+        default=[],
+        choices=sorted(INT8_OPTIONS),
+        help="other int8 settings to compare",
+    )
     parser.add_argument("--agree-classes", type=int, default=20)
     parser.add_argument("--agree-tasks", type=int, default=2)
     parser.add_argument("--agree-limit", type=int, default=40, help="train images per class")

@@ -28,9 +28,9 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = False, activation_ma
     """Dynamic int8 quantisation of ``src`` into ``dst`` (weights int8, activations quantised at run time).
 
     ``activation_matmuls`` also quantises the MatMuls of two activations (attention's QK^T and AV), not only
-    those with a weight: ~8 % less CPU time on ViT-Tiny 224 at a logit error of the same size
-    (PERFORMANCE.md, "ONNX inference"). ``per_channel`` (a scale per output channel) is off: a guess from
-    the same figures, where per-tensor scales already agreed with fp32 as well and ran as fast.
+    those with a weight: as fast at batch 1 and 14 % less CPU time at batch 16 on ViT-Tiny 224
+    (PERFORMANCE.md, "ONNX inference", with the agreement each setting costs). ``per_channel`` (a scale per
+    output channel) is off: it cost 5-10 % there. Both are measured choices on one x86 CPU, not rules.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
