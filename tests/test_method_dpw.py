@@ -151,10 +151,19 @@ def test_config_validation_and_ablations(backbone: FrozenViT) -> None:
         method = make(backbone, layers=(0, 11), **overrides)
         method.begin_task(TaskInfo(0, [0, 1], 0))
         method.train()
+        if overrides["rwm"]:  # at the -4 init no sigmoid sum reaches 1: Δ = 0, the adapter gets exactly 0
+            method.training_loss(x, y, Phase.JOINT).backward()
+            for mod in method.dpw_layers():
+                assert mod.slot(0).up_w.grad is not None and not mod.slot(0).up_w.grad.any()
+            method.zero_grad(set_to_none=True)
+        for mod in method.dpw_layers():  # constants at -1: eight gates sum to ~2.2 > 1, so Δ > 0
+            with torch.no_grad():
+                getattr(mod.slot(0), "bg" if overrides["scoring"] == "repa" else "key_bias").fill_(-1.0)
         loss = method.training_loss(x, y, Phase.JOINT)
         loss.backward()
-        grads = [p.grad for p in method.trainable_parameters(Phase.JOINT)]
-        assert all(g is not None for g in grads), name
+        named = {n: p for n, p in method.named_parameters() if p.requires_grad}
+        for pname, p in named.items():
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, (name, pname)
         if not overrides["rwm"]:
             assert not hasattr(method.dpw_layer(0).slot(0), "up_w")
 

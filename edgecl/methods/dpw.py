@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from edgecl.backbone import FrozenViT, LayerHooks
 from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.prompting import check_layers
 from edgecl.methods.registry import register_method
 
 __all__ = [
@@ -437,9 +438,7 @@ class DPW(Method):
         super().__init__(backbone, cfg)
         depth, dim = backbone.depth, backbone.embed_dim
         layers = tuple(range(depth)) if not cfg.layers else tuple(sorted(set(cfg.layers)))
-        bad = [layer for layer in layers if not 0 <= layer < depth]
-        if bad:
-            raise ValueError(f"DPW layers {bad} are outside the backbone's {depth} blocks")
+        check_layers(layers, depth)
         heads = cfg.prefix_heads if cfg.prefix_heads is not None else max(1, dim // 48)
         if dim % heads:
             raise ValueError(f"prefix_heads={heads} must divide the embedding width {dim}")
