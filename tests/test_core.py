@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from edgecl.backbone import FrozenViT
 from edgecl.data import synthetic_stream
-from edgecl.methods import Phase, TaskInfo, create_method, list_methods
+from edgecl.methods import Phase, TaskInfo, create_method, get_method_class, list_methods
 from edgecl.methods.base import masked_cross_entropy
 from edgecl.methods.layers import cosine_lr
 from edgecl.train import Callback, TrainConfig, Trainer, summarize
@@ -26,7 +27,10 @@ def _stream(per_class: int = 8):  # type: ignore[no-untyped-def]
 
 def _method(name: str, vit: FrozenViT, **extra):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    opts = dict(SMALL) if name in {"coda_prompt", "cps_prompt", "patchdropout"} else {"expected_tasks": 2}
+    fields = set(get_method_class(name).Config.model_fields)
+    opts: dict[str, Any] = {"expected_tasks": 2}
+    if "pool_size" in fields and name != "hash":  # small pools (CODA family, L2P, I-Prompt)
+        opts["pool_size"] = SMALL["pool_size"]
     opts.update(extra)
     return create_method(name, vit, opts)
 
@@ -157,17 +161,28 @@ def test_class_masking_in_training(tiny_vit: FrozenViT) -> None:
     assert m.head.weight.grad[2:].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["coda_prompt", "cps_prompt", "patchdropout", "l2p", "dualprompt"])
-def test_end_to_end_each_method(tiny_vit: FrozenViT, name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    m = _method(name, tiny_vit)
-    res = Trainer(m, _stream(), TrainConfig(epochs=2, batch_size=8, model_dir=str(tmp_path))).fit()
-    assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][1]) == 2
-    assert 0.0 <= res["final_average_accuracy"] <= 1.0
+@pytest.mark.parametrize("name", list_methods())
+def test_end_to_end_each_method_learns(tiny_vit: FrozenViT, name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every method beats chance by a margin on the separable synthetic stream (2 tasks x 2 classes):
+    task 0 after task 0 (chance 0.5) and the final average over 4 classes (chance 0.25). lr 1e-2 and 3
+    epochs so that the slowest learners get there in 6 steps; at seed 0 the lowest final average
+    measured was 0.66 (l2p; seeds 0 and 2 ranged 0.66-1.0 over the methods)."""
+    extra: dict[str, Any] = {"lr": 1e-2}
+    if "dpw_lr_scale" in get_method_class(name).Config.model_fields:
+        extra["dpw_lr_scale"] = 1.0  # lr 1e-2 is already DPW's default slot rate order (3e-2)
+    m = _method(name, tiny_vit, **extra)
+    stream = synthetic_stream(2, classes_per_task=2, per_class=8, test_per_class=8, img_size=32)
+    res = Trainer(m, stream, TrainConfig(epochs=3, batch_size=8, model_dir=str(tmp_path))).fit()
+    acc = res["accuracy_matrix"]
+    assert [len(row) for row in acc] == [1, 2]
+    assert acc[0][0] >= 0.9, acc
+    assert res["final_average_accuracy"] >= 0.5, acc
     loaded = load_model(tmp_path, backbone=tiny_vit)
     assert loaded.class_names == res["class_order"]
     x = torch.randn(2, 3, 32, 32)
     m.eval()
-    assert torch.allclose(loaded.logits(x), m(x)[:, :4], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(loaded.logits(x), m(x)[:, :4], atol=1e-5)
 
 
 def test_registry_lists_core_methods() -> None:

@@ -151,10 +151,19 @@ def test_config_validation_and_ablations(backbone: FrozenViT) -> None:
         method = make(backbone, layers=(0, 11), **overrides)
         method.begin_task(TaskInfo(0, [0, 1], 0))
         method.train()
+        if overrides["rwm"]:  # at the -4 init no sigmoid sum reaches 1: Δ = 0, the adapter gets exactly 0
+            method.training_loss(x, y, Phase.JOINT).backward()
+            for mod in method.dpw_layers():
+                assert mod.slot(0).up_w.grad is not None and not mod.slot(0).up_w.grad.any()
+            method.zero_grad(set_to_none=True)
+        for mod in method.dpw_layers():  # constants at -1: eight gates sum to ~2.2 > 1, so Δ > 0
+            with torch.no_grad():
+                getattr(mod.slot(0), "bg" if overrides["scoring"] == "repa" else "key_bias").fill_(-1.0)
         loss = method.training_loss(x, y, Phase.JOINT)
         loss.backward()
-        grads = [p.grad for p in method.trainable_parameters(Phase.JOINT)]
-        assert all(g is not None for g in grads), name
+        named = {n: p for n, p in method.named_parameters() if p.requires_grad}
+        for pname, p in named.items():
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, (name, pname)
         if not overrides["rwm"]:
             assert not hasattr(method.dpw_layer(0).slot(0), "up_w")
 
@@ -278,3 +287,41 @@ def test_resume_matches_uninterrupted(trained: dict[str, Any], backbone: FrozenV
         assert row == pytest.approx(ref_row, abs=1e-6)
     for k, v in trained["method"].trainable_state_dict().items():
         assert torch.allclose(v.float(), resumed.method.trainable_state_dict()[k].float(), atol=1e-6), k
+
+
+# ---- the default learns (#18.1) ------------------------------------------------------------------
+
+
+class _HeadOnly(DPW):
+    """DPW with its slot parameters left out of the optimizer: same trainer, TII and ensemble, head only."""
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.head.parameters() if p.requires_grad]}]
+
+
+@pytest.mark.slow
+def test_default_dpw_parts_learn_and_beat_head_only(backbone: FrozenViT) -> None:
+    """With the default ``dpw_lr_scale`` the gates leave their -4 init, RWM's Δ turns positive (so the
+    adapter trains), and DPW beats the same model trained head-only on a separable stream (2 tasks x 4
+    classes; measured 0.98 vs 0.52 at seed 0). Two short runs, ~10 s together on an idle core."""
+    stream = synthetic_stream(2, classes_per_task=4, per_class=8, test_per_class=8)
+    cfg = TrainConfig(epochs=2, batch_size=8, eval_batch_size=32)
+    method = make(backbone)
+    before = [(m.slot(0).bg.detach().clone(), m.slot(0).up_w.detach().clone()) for m in method.dpw_layers()]
+    full = Trainer(method, stream, cfg).fit()
+    after = [(m.slot(0).bg.detach(), m.slot(0).up_w.detach()) for m in method.dpw_layers()]
+    bg_moved = max(float((a[0] - b[0]).abs().max()) for a, b in zip(after, before, strict=True))
+    up_moved = max(float((a[1] - b[1]).abs().max()) for a, b in zip(after, before, strict=True))
+    assert bg_moved > 0.05 and up_moved > 0.01, (bg_moved, up_moved)
+    x = torch.stack([stream.tasks[0].train[i][0] for i in range(8)])
+    collect: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        method.prompted(x, 0, collect=collect)
+    assert any(bool((cond_act(s)[1] > 0).any()) for (s,) in collect.values()), "RWM's Δ is still 0"
+
+    torch.manual_seed(1)
+    head_only = _HeadOnly(backbone, method.cfg.__class__(expected_tasks=2))
+    base = Trainer(head_only, stream, cfg).fit()
+    assert all(torch.equal(m.slot(0).bg, torch.full_like(m.slot(0).bg, -4.0)) for m in head_only.dpw_layers())
+    assert full["final_average_accuracy"] >= 0.75
+    assert full["final_average_accuracy"] >= base["final_average_accuracy"] + 0.25, (full, base)

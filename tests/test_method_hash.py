@@ -87,7 +87,7 @@ def test_hdr_lowers_exactly_the_active_scores() -> None:
 
 
 def test_hdr_inside_the_method_same_in_training_and_inference(backbone: FrozenViT) -> None:
-    m = _method(backbone, delta=0.5)
+    m = _method(backbone, delta=0.5, delta_scale="absolute")
     m.begin_task(_task(0))
     assert not m.active_sets[0].any(), "A_1 is empty for the first task"
     m.activation_counts.copy_(torch.tensor([3, 0, 9, 1, 7, 0, 2, 0]))
@@ -185,6 +185,7 @@ def test_tii_identifies_tasks_from_class_statistics(kind: str) -> None:
 def test_config_validation() -> None:
     assert build_config("hash", {"layers": [0, 1]}).layers == (0, 1)  # type: ignore[attr-defined]
     bads: list[dict[str, Any]] = [{"top_k": 9}, {"beta": 1.5}, {"delta": -1.0}, {"tii": "knn"}]
+    bads += [{"delta_scale": "std"}, {"score_std_momentum": 1.0}]
     bads.append({"layers": []})
     for bad in bads:
         with pytest.raises(ValueError):
@@ -277,3 +278,65 @@ def test_end_to_end_h_counts_checkpoint_and_resume(backbone: FrozenViT, tmp_path
     assert torch.equal(r.activation_counts, m.activation_counts)
     assert torch.allclose(r.experts, m.experts, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(r.routers, m.routers, strict=True))
+
+
+def test_oom_retry_counts_each_selection_once(backbone: FrozenViT) -> None:
+    """A step whose micro-batch OOMs mid-way is redone at half the micro-batch; H counts the batch once."""
+    m = _method(backbone)
+    stream = synthetic_stream(1, classes_per_task=2, per_class=4)
+    trainer = Trainer(m, stream, TrainConfig(epochs=1, batch_size=8, micro_batch_size=4))
+    m.begin_task(_task(0))
+    trainer.optimizer = trainer._build_optimizer()
+    real = m.training_loss
+    calls = {"n": 0}
+
+    def flaky(x: torch.Tensor, y: torch.Tensor, phase: Phase) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first attempt's second micro-batch, after the first one was counted
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real(x, y, phase)
+
+    m.training_loss = flaky  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.tensor([0, 1] * 4)
+    m.train()
+    trainer._step(x, y, Phase.JOINT, cached=False)
+    assert trainer.state.micro_batch_size == 2 and calls["n"] == 1 + 1 + 4  # retried in 4 halves
+    assert int(m.activation_counts.sum()) == 8 * LAYERS * TOP_K
+    assert int(m._pending.sum()) == 0
+
+
+def test_hdr_penalty_is_delta_running_score_stds(backbone: FrozenViT) -> None:
+    """``delta_scale=score_std``: A_t's scores drop by delta x the router's running spread across experts;
+    the spread is committed at each training step's end (momentum), and inference uses the same value."""
+    m = _method(backbone, delta=2.0, score_std_momentum=0.5)
+    m.begin_task(_task(0))
+    m.activation_counts.copy_(torch.tensor([3, 0, 9, 1, 7, 0, 2, 0]))
+    m.begin_task(_task(1))
+    a1 = m.active_sets[1]
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(5, 3, 32, 32, generator=g), torch.tensor([2, 3, 2, 3, 2])
+    opt = torch.optim.SGD(m.optimizer_param_groups(), lr=0.0)  # a step that changes no parameter
+    for _ in range(2):
+        m.train()
+        m.training_loss(x, y, Phase.JOINT).backward()
+        opt.step()
+        m.after_optimizer_step()
+    # block 0's input is prompt-free: its raw spread is the same at both steps
+    s0 = m.last_routing[0]
+    m.eval()
+    with torch.no_grad():
+        m.cfg.hdr = False
+        m.train_features(x, Phase.JOINT)
+        free = m.last_routing[0].scores.clone()
+        m.cfg.hdr = True
+        m.task_features(x, torch.ones(5, dtype=torch.long))
+        infer = m.last_routing[0].scores.clone()
+    step_std = free.std(dim=1).mean()
+    assert bool(m.score_std_seen[1]) and float(m.score_std[1, 0]) == pytest.approx(float(step_std), rel=1e-5)
+    diff = infer - free
+    assert torch.allclose(diff[:, a1], torch.full_like(diff[:, a1], -2.0 * float(step_std)), atol=1e-6)
+    assert torch.equal(diff[:, ~a1], torch.zeros_like(diff[:, ~a1]))
+    assert torch.allclose(s0.scores, infer, atol=1e-6)  # training's last step used the same penalty
+    # the penalty demotes, it does not ban: smaller than the spread of the scores it is applied to
+    assert 2.0 * float(step_std) < float(free.max(1).values.mean() - free.min(1).values.mean())

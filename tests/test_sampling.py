@@ -30,10 +30,15 @@ def test_sorted_unique_indices() -> None:
 
 
 def test_low_temperature_equals_topk() -> None:
-    torch.manual_seed(0)
-    scores = torch.rand(8, 50)
+    """Certain, not likely: float32 uniforms in [1e-20, 1) bound each Gumbel variate to [-3.83, 16.64], so a
+    score gap / τ above 20.5 can never be overturned; here every gap is 0.01 / 1e-4 = 100."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.stack([torch.randperm(50, generator=g).float() * 0.01 for _ in range(8)])
     for _ in range(5):
         assert torch.equal(critical_sampling(scores, 10, temperature=1e-4), topk_sampling(scores, 10))
+    # at τ = 1 the same scores are a real draw: the top-k set is not always picked
+    draws = [critical_sampling(scores, 10, temperature=1.0) for _ in range(5)]
+    assert any(not torch.equal(d, topk_sampling(scores, 10)) for d in draws)
 
 
 def test_critical_sampling_prefers_high_scores() -> None:

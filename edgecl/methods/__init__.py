@@ -17,7 +17,7 @@ from edgecl.methods.registry import (
     register_method,
 )
 
-_INFRA = {"base", "registry", "layers"}
+_INFRA = {"base", "registry", "layers", "prompting"}
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _INFRA and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

@@ -185,7 +185,29 @@ class Method(nn.Module):
         return [{"params": self.trainable_parameters(Phase.JOINT)}]
 
     def after_optimizer_step(self) -> None:
-        """Called after every optimizer step (HGM-style update scaling)."""
+        """Called after every optimizer step (HGM-style update scaling); commit per-step state here."""
+
+    def on_step_retry(self) -> None:
+        """Called when the trainer abandons a step's forward/backward: an out-of-memory error (the step is
+        redone with smaller micro-batches) or an fp16 step skipped for inf/NaN gradients.
+
+        Per-step state a training forward accumulates (e.g. Hash's pending activation counts) must be
+        discarded here, so a retried step counts once; commit such state in :meth:`after_optimizer_step`.
+        """
+
+    def frozen_masks(self) -> dict[str, Tensor]:
+        """Elements of parameters that must not change while training the current task (True = frozen).
+
+        Keys are names from ``named_parameters()``; each mask broadcasts to its parameter. The trainer
+        restores these elements after every optimizer step, so they stay bit-identical whatever weight
+        decay or Adam moments would do to them (a detach or a zero gradient does not stop either). The
+        base freezes the head rows of earlier tasks' classes (their logits are masked in training).
+        """
+        if self.task is None or self.task.n_past == 0:
+            return {}
+        rows = torch.zeros(self.head.num_classes, dtype=torch.bool, device=self.head.weight.device)
+        rows[: self.task.n_past] = True
+        return {"head.weight": rows[:, None], "head.bias": rows}
 
     # ---- forward -----------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:

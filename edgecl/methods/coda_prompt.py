@@ -11,6 +11,7 @@ from edgecl.backbone import FrozenViT
 from edgecl.config import BlockIndices, EvenLength
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.layers import CodaPromptPool
+from edgecl.methods.prompting import check_layers
 from edgecl.methods.registry import register_method
 
 __all__ = ["CodaPrompt", "CodaPromptConfig"]
@@ -50,12 +51,9 @@ class CodaPrompt(Method):
 
     def __init__(self, backbone: FrozenViT, cfg: CodaPromptConfig) -> None:
         super().__init__(backbone, cfg)
-        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
-        if bad:
-            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
         self.prompt = CodaPromptPool(
             backbone.embed_dim,
-            layers=tuple(cfg.layers),
+            layers=check_layers(cfg.layers, backbone.depth),
             pool_size=cfg.pool_size,
             length=cfg.prompt_length,
             num_tasks=cfg.expected_tasks,
@@ -98,6 +96,10 @@ class CodaPrompt(Method):
     def train_features(self, x: Tensor, phase: Phase) -> Tensor:
         """Training: earlier components detached, the current task's trainable."""
         return self.prompted(x, train=True)
+
+    def frozen_masks(self) -> dict[str, Tensor]:
+        """The head's earlier rows and every pool component outside the current task's range."""
+        return {**super().frozen_masks(), **self.prompt.frozen_masks("prompt.")}
 
     def extra_loss(self) -> Tensor | None:
         """CODA's orthogonality penalty (off by default)."""

@@ -1,6 +1,7 @@
 """CPS-Prompt: CODA-Prompt plus Critical Patch Sampling and Decoupled Prompt/Classifier Training (DPCT).
 
-Phase 1 (SPARSE, the first floor(λ·E) epochs) trains prompt and head on k = floor((1 − r)·N) patches
+Phase 1 (SPARSE, the first max(min_prompt_epochs, floor(λ·E)) epochs; the paper's floor(λ·E) whenever
+λ·E >= 1) trains prompt and head on k = floor((1 − r)·N) patches
 drawn per image from softmax(score/τ) of the frozen query pass, redrawn every step. Phase 2 (HEAD)
 freezes the prompt and trains the head on full-patch prompted features, which the trainer caches
 once per task when the phase-2 transform is deterministic (``phase2_cache``).
@@ -34,10 +35,13 @@ class CpsPromptConfig(CodaPromptConfig):
     sampling: SamplingMode = "critical"
     """``critical`` (CPS), ``uniform`` (PatchDropout) or ``topk`` (τ → 0) [cps-prompt --sampling]."""
     phase_ratio: float = Field(0.4, ge=0.0, le=1.0)
-    """λ: the first floor(λ·E) epochs are phase 1 [README, CIFAR; code default 0.8]."""
+    """λ: the first floor(λ·E) epochs are phase 1 [README, CIFAR; code default 0.8; code
+    ``epoch < int(n_epochs * phase_ratio)``], but at least ``min_prompt_epochs`` (an edgecl deviation that
+    only acts when λ·E < 1, e.g. E <= 2 at λ = 0.4; the committed bench, E = 5, gets the paper's 2)."""
     min_prompt_epochs: int = Field(1, ge=0)
-    """edgecl choice: at least this many phase-1 epochs, so short runs (E·λ < 1) still train the prompt;
-    the reference would train no prompt at all then. Set 0 for the reference's exact floor(λ·E)."""
+    """edgecl deviation from the paper's floor(λ·E): at least this many phase-1 epochs, so short runs
+    (λ·E < 1) still train the prompt; the reference would train no prompt at all then (phase 2 only, a
+    linear probe of the untrained prompt). Set 0 for the reference's exact floor(λ·E)."""
     phase2_cache: Literal["auto", "on", "off"] = "auto"
     """``auto`` caches phase-2 features when the phase-2 transform is deterministic, ``on``/``off``."""
     phase2_transform: Literal["eval", "train"] = "eval"

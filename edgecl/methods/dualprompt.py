@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from edgecl.backbone import FrozenViT
+from edgecl.backbone import FrozenViT, Prefix
 from edgecl.config import BlockIndices, EvenLength
-from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.base import MethodConfig, TaskInfo
+from edgecl.methods.prompting import QueryPrefixMethod, check_layers
 from edgecl.methods.registry import register_method
 
 __all__ = ["DualPrompt", "DualPromptConfig"]
@@ -46,7 +47,7 @@ class DualPromptConfig(MethodConfig):
 
 
 @register_method("dualprompt")
-class DualPrompt(Method):
+class DualPrompt(QueryPrefixMethod):
     """G-prompts in early blocks for all tasks; one E-prompt per task, chosen by key matching at test time.
 
     Training uses the current task's E-prompt (task-id bootstrap, as CODA) and pulls its key toward the
@@ -59,9 +60,8 @@ class DualPrompt(Method):
     def __init__(self, backbone: FrozenViT, cfg: DualPromptConfig) -> None:
         super().__init__(backbone, cfg)
         d = backbone.embed_dim
-        for layer in (*cfg.g_layers, *cfg.e_layers):
-            if not 0 <= layer < backbone.depth:
-                raise ValueError(f"prompt layer {layer} is outside the backbone's {backbone.depth} blocks")
+        check_layers(cfg.g_layers, backbone.depth, "g_layers")
+        check_layers(cfg.e_layers, backbone.depth, "e_layers")
         self.g_prompts = nn.ParameterDict(
             {str(layer): nn.Parameter(torch.rand(cfg.g_length, d)) for layer in cfg.g_layers}
         )
@@ -71,7 +71,6 @@ class DualPrompt(Method):
         self.e_keys = nn.ParameterDict(
             {str(layer): nn.Parameter(torch.rand(cfg.e_pool_size, d)) for layer in cfg.e_layers}
         )
-        self._match_loss: Tensor | None = None
 
     def pool_bound_to_tasks(self) -> bool:
         """One E-prompt per task."""
@@ -83,39 +82,38 @@ class DualPrompt(Method):
             raise ValueError(f"task {task.index + 1} exceeds e_pool_size={self.cfg.e_pool_size}")
         super().begin_task(task)
 
-    def _prefixes(self, x: Tensor, train: bool) -> dict[int, tuple[Tensor, Tensor]]:
-        q = F.normalize(self.backbone.query(x).cls, dim=1)
-        b = q.shape[0]
-        out: dict[int, tuple[Tensor, Tensor]] = {}
+    def frozen_masks(self) -> dict[str, Tensor]:
+        """The head's earlier rows and every E-prompt / E-key slot except the current task's."""
+        out = super().frozen_masks()
+        if self.task is None:
+            return out
+        for group, params in (("e_prompts", self.e_prompts), ("e_keys", self.e_keys)):
+            for layer, p in params.items():
+                rows = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+                rows[self.task.index] = False
+                out[f"{group}.{layer}"] = rows.view(-1, *([1] * (p.dim() - 1)))
+        return out
+
+    def query_prefixes(self, query: Tensor, train: bool) -> tuple[dict[int, Prefix], Tensor | None]:
+        """G-prompts, plus per E-layer the current task's E-prompt (training: task-id bootstrap, with the
+        pull loss ``mean_b (1 − cos(q, K_task))``) or the best-matching finished task's (inference)."""
+        b = query.shape[0]
+        out: dict[int, Prefix] = {}
         for layer, g in self.g_prompts.items():
             half = g.shape[0] // 2
             out[int(layer)] = (g[:half], g[half:])
-        loss = q.new_zeros(())
+        loss = query.new_zeros(())
         n_slots = max(self.num_tasks_seen, 1) if not train else (self.task.index + 1 if self.task else 1)
         half = self.cfg.e_length // 2
         for layer, pool in self.e_prompts.items():
             keys = F.normalize(self.e_keys[layer][:n_slots], dim=1)
-            cos = q @ keys.T  # B x tasks
+            cos = query @ keys.T  # B x tasks
             if train:
                 assert self.task is not None
-                idx = torch.full((b,), self.task.index, dtype=torch.long, device=q.device)
+                idx = torch.full((b,), self.task.index, dtype=torch.long, device=query.device)
                 loss = loss + (1.0 - cos[:, self.task.index]).mean()
             else:
                 idx = cos.argmax(dim=1)
             p = pool[idx]  # B x L x D
             out[int(layer)] = (p[:, :half], p[:, half:])
-        self._match_loss = self.cfg.pull_constraint * loss if train else None
-        return out
-
-    def features(self, x: Tensor) -> Tensor:
-        """Inference: G-prompts plus the E-prompt whose key best matches the query."""
-        return self.backbone(x, prefixes=self._prefixes(x, train=False))
-
-    def train_features(self, x: Tensor, phase: Phase) -> Tensor:
-        """Training: G-prompts plus the current task's E-prompt."""
-        return self.backbone(x, prefixes=self._prefixes(x, train=True))
-
-    def extra_loss(self) -> Tensor | None:
-        """Key pull loss of the last training forward."""
-        loss, self._match_loss = self._match_loss, None
-        return loss
+        return out, self.cfg.pull_constraint * loss if train else None

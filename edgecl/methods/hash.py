@@ -9,7 +9,10 @@ History (digest §3.2-6): ``H`` counts every (sample, layer) selection of each e
 At the start of task t the set ``A_t`` = the ``active_set_size`` experts with the largest ``H`` is fixed
 (empty for the first task) and stored with router t.
 
-* **HDR** subtracts ``delta`` from the scores of ``A_t`` whenever router t is used (training and inference).
+* **HDR** subtracts ``delta`` from the scores of ``A_t`` whenever router t is used (training and inference);
+  by default ``delta`` counts standard deviations of the router's scores across experts (a running estimate
+  per router and layer), so the penalty demotes A_t's experts without banning them (digest §3.2-7: δ ≈ 1
+  std; on the reference ViT the 1/sqrt(D)-scaled scores spread only ~0.02-0.03, so a raw 0.5 removed A_t).
 * **HGM** makes the experts of ``A_t`` move ``beta`` times as far per optimizer step. Adam normalises a
   scaled gradient away, so the *update* is scaled: θ ← θ_old + β (θ_new − θ_old) in
   :meth:`Hash.after_optimizer_step`, with θ_old snapshotted in the step's training forward.
@@ -32,10 +35,11 @@ from torch import Tensor, nn
 from edgecl.backbone import FrozenViT, LayerHooks, Prefix
 from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
+from edgecl.methods.prompting import check_layers
 from edgecl.methods.registry import register_method
 from edgecl.methods.tii import ClassStatsTaskIdentifier, collect_features
 
-__all__ = ["Hash", "HashConfig", "Routing", "route"]
+__all__ = ["Hash", "HashConfig", "Routing", "route", "router_scores"]
 
 
 class HashConfig(MethodConfig):
@@ -57,8 +61,15 @@ class HashConfig(MethodConfig):
     """History-aware dynamic routing on/off [paper-sum; off for the ablation rows pool / +HGM]."""
     hgm: bool = True
     """History-aware gradient (update) modulation on/off [paper-sum; off for pool / +HDR]."""
-    delta: float = Field(0.5, ge=0)
-    """HDR penalty on the 1/sqrt(D)-scaled scores of A_t [GUESS, digest §3.2-7]."""
+    delta: float = Field(1.0, ge=0)
+    """HDR penalty on the scores of A_t, in units of ``delta_scale`` [digest §3.2-7: "δ ≈ 1 std"]."""
+    delta_scale: Literal["score_std", "absolute"] = "score_std"
+    """``score_std``: the penalty is ``delta`` x the router's score spread (std across the K experts,
+    averaged over images; a running mean per router and prompted layer, updated at every training step and
+    kept in checkpoints; before a router's first step the image's own spread); ``absolute``: ``delta`` on
+    the 1/sqrt(D)-scaled scores as given (the previous default 0.5 banned A_t outright) [GUESS, edgecl]."""
+    score_std_momentum: float = Field(0.9, ge=0, lt=1)
+    """Running mean of the score spread: ``std <- m std + (1 - m) step_std`` [GUESS; 0 = the last step's]."""
     beta: float = Field(0.1, ge=0, le=1)
     """HGM update factor of the experts in A_t [GUESS, digest §3.2-7]."""
     active_set_size: int | None = Field(None, ge=0)
@@ -95,14 +106,11 @@ class Routing(NamedTuple):
     weights: Tensor
 
 
-def route(
-    x_norm: Tensor, weight: Tensor, top_k: int, penalty: Tensor | None = None, delta: float = 0.0
-) -> Routing:
-    """Score experts with ``mean_tokens(x W) / sqrt(D)``, subtract ``delta`` on ``penalty``, Top-k + softmax.
+def router_scores(x_norm: Tensor, weight: Tensor) -> Tensor:
+    """``mean_tokens(x W) / sqrt(D)``: ``B x K`` scores before HDR.
 
-    ``x_norm`` is ``B x T x D``; ``weight`` is ``D x K`` (one router) or ``B x D x K`` (a router per image);
-    ``penalty`` is a bool mask ``K`` or ``B x K`` (HDR's A_t). The token mean is taken before the linear
-    router, which equals the mean of the per-token scores.
+    ``x_norm`` is ``B x T x D``; ``weight`` is ``D x K`` (one router) or ``B x D x K`` (a router per image).
+    The token mean is taken before the linear router, which equals the mean of the per-token scores.
     """
     d = x_norm.shape[-1]
     mean = x_norm.mean(1)
@@ -110,8 +118,25 @@ def route(
         scores = mean @ weight
     else:
         scores = torch.einsum("bd,bdk->bk", mean, weight)
-    scores = scores / math.sqrt(d)
-    if penalty is not None and delta:
+    return scores / math.sqrt(d)
+
+
+def route(
+    x_norm: Tensor,
+    weight: Tensor,
+    top_k: int,
+    penalty: Tensor | None = None,
+    delta: float | Tensor = 0.0,
+    scores: Tensor | None = None,
+) -> Routing:
+    """Score experts (:func:`router_scores`, or the given ``scores``), subtract ``delta`` on ``penalty``,
+    Top-k + softmax.
+
+    ``penalty`` is a bool mask ``K`` or ``B x K`` (HDR's A_t); ``delta`` a float or a per-image ``B x 1``.
+    """
+    if scores is None:
+        scores = router_scores(x_norm, weight)
+    if penalty is not None and (isinstance(delta, Tensor) or delta):
         scores = scores - delta * penalty.to(scores.dtype)
     top, indices = scores.topk(top_k, dim=-1)
     return Routing(scores, indices, top.softmax(dim=-1))
@@ -143,9 +168,7 @@ class Hash(Method):
 
     def __init__(self, backbone: FrozenViT, cfg: HashConfig) -> None:
         super().__init__(backbone, cfg)
-        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
-        if bad:
-            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
+        check_layers(cfg.layers, backbone.depth)
         d, k = backbone.embed_dim, cfg.pool_size
         self.layer_position = {layer: i for i, layer in enumerate(cfg.layers)}
         self.experts = nn.Parameter(torch.zeros(k, len(cfg.layers), 2, cfg.prompt_length, d))
@@ -157,7 +180,10 @@ class Hash(Method):
         self.register_buffer("activation_counts", torch.zeros(k, dtype=torch.long))
         self.register_buffer("active_sets", torch.zeros(0, k, dtype=torch.bool))
         self.tii = ClassStatsTaskIdentifier(d, cfg.tii, cfg.tii_shrinkage)
+        self.register_buffer("score_std", torch.zeros(0, len(cfg.layers)))
+        self.register_buffer("score_std_seen", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("_pending", torch.zeros(k, dtype=torch.long), persistent=False)
+        self.register_buffer("_pending_std", torch.zeros(2, len(cfg.layers)), persistent=False)
         self._snapshot: Tensor | None = None
         self._metrics: dict[str, float] = {}
         self.last_routing: dict[int, Routing] = {}
@@ -169,6 +195,12 @@ class Hash(Method):
     """A_t per router (bool ``num_routers x K``), fixed when router t is created."""
     _pending: Tensor
     """Selections of the optimizer step in progress, committed to H in :meth:`after_optimizer_step`."""
+    score_std: Tensor
+    """Running score spread per router and prompted layer (``num_routers x layers``), HDR's unit."""
+    score_std_seen: Tensor
+    """Whether router t's spread has been measured in a training step yet (bool ``num_routers``)."""
+    _pending_std: Tensor
+    """The step in progress: per layer, the sum of per-image score spreads and the image count."""
 
     # ---- pool state ----------------------------------------------------------------------------
     @property
@@ -193,6 +225,11 @@ class Hash(Method):
         if extra > 0:
             pad = torch.zeros(extra, k, dtype=torch.bool, device=self.active_sets.device)
             self.active_sets = torch.cat([self.active_sets, pad])
+        extra = n - int(self.score_std.shape[0])
+        if extra > 0:
+            std = self.score_std
+            self.score_std = torch.cat([std, std.new_zeros(extra, std.shape[1])])
+            self.score_std_seen = torch.cat([self.score_std_seen, self.score_std_seen.new_zeros(extra)])
 
     def most_activated(self) -> Tensor:
         """Bool mask of the ``active_set_size`` experts with the largest H (H > 0 only; ties: lower index)."""
@@ -217,6 +254,7 @@ class Hash(Method):
             router.requires_grad_(i == task.index)
         self.active_sets[task.index] = self.most_activated()
         self._pending.zero_()
+        self._pending_std.zero_()
         self._snapshot = None
 
     def end_task(self, task: TaskInfo, loader: Iterable[tuple[Tensor, Tensor]]) -> None:
@@ -237,18 +275,32 @@ class Hash(Method):
         cfg = self.cfg
         if train_task is not None:
             weight = self.routers[train_task][li]
-            penalty = self.active_sets[train_task]
+            router = torch.full((x_norm.shape[0],), train_task, dtype=torch.long, device=x_norm.device)
         else:
             assert tasks is not None
             weight = torch.stack([r[li] for r in self.routers])[tasks]
-            penalty = self.active_sets[tasks]
-        r = route(x_norm, weight, cfg.top_k, penalty if cfg.hdr else None, cfg.delta)
+            router = tasks
+        scores = router_scores(x_norm, weight)
+        spread = scores.detach().float().std(dim=-1)  # B: each image's spread across the K experts
+        penalty = self.active_sets[router] if cfg.hdr else None
+        delta = self.hdr_delta(router, li, spread).to(scores.dtype)
+        r = route(x_norm, weight, cfg.top_k, penalty, delta, scores=scores)
         experts = self.experts[:, li][r.indices]  # B x k x 2 x Lp x D
         prompt = torch.einsum("bk,bkcld->bcld", r.weights.to(experts.dtype), experts)
-        if train_task is not None:
+        if train_task is not None and torch.is_grad_enabled():  # a training step: commit at its end
             self._pending += torch.bincount(r.indices.flatten(), minlength=cfg.pool_size)
+            self._pending_std[0, li] += spread.sum()
+            self._pending_std[1, li] += spread.numel()
         self.last_routing[layer] = Routing(r.scores.detach(), r.indices.detach(), r.weights.detach())
         return prompt[:, 0], prompt[:, 1]
+
+    def hdr_delta(self, router: Tensor, layer_pos: int, spread: Tensor) -> Tensor:
+        """HDR's penalty per image (``B x 1``): ``delta`` x the router's running spread (``score_std``; the
+        image's own ``spread`` while the router has none yet), or ``delta`` itself (``absolute``)."""
+        if self.cfg.delta_scale == "absolute":
+            return torch.full_like(spread, self.cfg.delta)[:, None]
+        running = self.score_std[router, layer_pos].to(spread.dtype)
+        return (self.cfg.delta * torch.where(self.score_std_seen[router], running, spread))[:, None]
 
     def predict_task(self, x: Tensor) -> Tensor:
         """TII: each image's task from the frozen CLS feature (router 0 while only one exists)."""
@@ -274,11 +326,23 @@ class Hash(Method):
             self._snapshot = self.experts.detach()[protected].clone() if protected.numel() else None
         return self.backbone(x, hooks=_HashHooks(self, None, self.task.index))
 
+    def on_step_retry(self) -> None:
+        """Drop the abandoned attempt's pending H counts and spreads (the retried forward counts again)."""
+        self._pending.zero_()
+        self._pending_std.zero_()
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Commit the step's H counts; HGM: pull A_t's experts back to θ_old + β (θ_new − θ_old)."""
         self.activation_counts += self._pending
         self._pending.zero_()
+        if self.task is not None and bool((self._pending_std[1] > 0).all()):
+            t = self.task.index
+            step = self._pending_std[0] / self._pending_std[1]
+            m = self.cfg.score_std_momentum if bool(self.score_std_seen[t]) else 0.0
+            self.score_std[t] = m * self.score_std[t] + (1.0 - m) * step
+            self.score_std_seen[t] = True
+        self._pending_std.zero_()
         if self.cfg.hgm and self._snapshot is not None:
             protected = self.protected_experts()
             old = self._snapshot

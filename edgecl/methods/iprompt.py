@@ -31,6 +31,7 @@ from edgecl.backbone import FrozenViT, LayerHooks
 from edgecl.config import BlockIndices, FieldProblem
 from edgecl.methods.base import Method, MethodConfig, Phase, TaskInfo
 from edgecl.methods.layers import pool_bounds
+from edgecl.methods.prompting import check_layers
 from edgecl.methods.registry import register_method
 
 __all__ = ["IPrompt", "IPromptConfig", "IPromptPool", "match_tokens"]
@@ -190,6 +191,19 @@ class IPromptPool(nn.Module):
         if reinit and self.allocation == "per_task":
             self._init_entries(*self.trainable_range())
 
+    def frozen_masks(self, prefix: str) -> dict[str, Tensor]:
+        """With ``per_task``: every entry outside the current task's range is frozen (``shared``: none)."""
+        if self.allocation == "shared":
+            return {}
+        s, f = self.trainable_range()
+        out: dict[str, Tensor] = {}
+        for layer in self.layers:
+            for name in ("k", "p"):
+                rows = torch.ones(self.pool_size, dtype=torch.bool, device=self.keys(layer).device)
+                rows[s:f] = False
+                out[f"{prefix}{name}_{layer}"] = rows[:, None]
+        return out
+
     def entries(self, layer: int, train: bool, train_match: str = "current") -> tuple[Tensor, Tensor, int]:
         """(keys, prompts, index offset) that tokens of ``layer`` are matched against."""
         k, p = self.keys(layer), self.prompts(layer)
@@ -278,12 +292,9 @@ class IPrompt(Method):
 
     def __init__(self, backbone: FrozenViT, cfg: IPromptConfig) -> None:
         super().__init__(backbone, cfg)
-        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
-        if bad:
-            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
         self.prompt = IPromptPool(
             backbone.embed_dim,
-            layers=tuple(sorted(cfg.layers)),
+            layers=tuple(sorted(check_layers(cfg.layers, backbone.depth))),
             pool_size=cfg.pool_size,
             num_tasks=cfg.expected_tasks,
             allocation=cfg.allocation,
@@ -302,6 +313,10 @@ class IPrompt(Method):
         super().begin_task(task)
         self.prompt.set_task(task.index, reinit=True)
         self._stats = {}
+
+    def frozen_masks(self) -> dict[str, Tensor]:
+        """The head's earlier rows and (``per_task``) the pool entries of other tasks."""
+        return {**super().frozen_masks(), **self.prompt.frozen_masks("prompt.")}
 
     # ---- forward -----------------------------------------------------------------------------
     def _forward(

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from edgecl.backbone import FrozenViT
+from edgecl.backbone import FrozenViT, Prefix
 from edgecl.config import BlockIndices, EvenLength, FieldProblem
-from edgecl.methods.base import Method, MethodConfig, Phase
+from edgecl.methods.base import MethodConfig
+from edgecl.methods.prompting import QueryPrefixMethod, check_layers
 from edgecl.methods.registry import register_method
 
 __all__ = ["L2P", "L2PConfig"]
@@ -38,7 +39,7 @@ class L2PConfig(MethodConfig):
 
 
 @register_method("l2p")
-class L2P(Method):
+class L2P(QueryPrefixMethod):
     """Top-k prompts from a shared pool chosen by cos(query, key); keys pulled toward their queries."""
 
     Config = L2PConfig
@@ -47,24 +48,21 @@ class L2P(Method):
     def __init__(self, backbone: FrozenViT, cfg: L2PConfig) -> None:
         super().__init__(backbone, cfg)
         d = backbone.embed_dim
-        bad = [layer for layer in cfg.layers if not 0 <= layer < backbone.depth]
-        if bad:
-            raise ValueError(f"prompt layers {bad} are outside the backbone's {backbone.depth} blocks")
         self.prompts = nn.ParameterDict()
         self.keys = nn.ParameterDict()
-        for layer in cfg.layers:
+        for layer in check_layers(cfg.layers, backbone.depth):
             # uniform init as CODA's tensor_prompt
             self.prompts[str(layer)] = nn.Parameter(torch.rand(cfg.pool_size, cfg.prompt_length, d))
             self.keys[str(layer)] = nn.Parameter(torch.rand(cfg.pool_size, d))
-        self._match_loss: Tensor | None = None
 
-    def _prefixes(self, x: Tensor, train: bool) -> dict[int, tuple[Tensor, Tensor]]:
-        q = F.normalize(self.backbone.query(x).cls, dim=1)
+    def query_prefixes(self, query: Tensor, train: bool) -> tuple[dict[int, Prefix], Tensor | None]:
+        """Per layer the ``top_k`` prompts of highest cos(query, key), concatenated; pull loss
+        ``mean_b Σ_k (1 − cos)`` over the selected keys."""
         half = self.cfg.prompt_length // 2
-        out: dict[int, tuple[Tensor, Tensor]] = {}
-        loss = q.new_zeros(())
+        out: dict[int, Prefix] = {}
+        loss = query.new_zeros(())
         for layer in self.cfg.layers:
-            cos = q @ F.normalize(self.keys[str(layer)], dim=1).T  # B x M
+            cos = query @ F.normalize(self.keys[str(layer)], dim=1).T  # B x M
             top = cos.topk(self.cfg.top_k, dim=1)
             p = self.prompts[str(layer)][top.indices]  # B x k x L x D
             b = p.shape[0]
@@ -74,18 +72,4 @@ class L2P(Method):
             )
             if train:
                 loss = loss + (1.0 - top.values).sum(1).mean()
-        self._match_loss = self.cfg.pull_constraint * loss if train else None
-        return out
-
-    def features(self, x: Tensor) -> Tensor:
-        """Inference: prompts selected by key matching, full patches."""
-        return self.backbone(x, prefixes=self._prefixes(x, train=False))
-
-    def train_features(self, x: Tensor, phase: Phase) -> Tensor:
-        """Training: the same selection, recording the key-matching loss."""
-        return self.backbone(x, prefixes=self._prefixes(x, train=True))
-
-    def extra_loss(self) -> Tensor | None:
-        """The key-matching (pull) loss of the last training forward."""
-        loss, self._match_loss = self._match_loss, None
-        return loss
+        return out, self.cfg.pull_constraint * loss if train else None

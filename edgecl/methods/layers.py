@@ -143,6 +143,18 @@ class CodaPromptPool(nn.Module):
                 for name in ("p", "k", "a"):
                     gram_schmidt_(getattr(self, f"{name}_{layer}"), s, f)
 
+    def frozen_masks(self, prefix: str) -> dict[str, Tensor]:
+        """Components outside the current task's ``[s, f)`` are frozen (earlier: learned; later: unused)."""
+        s, f = self.component_range(self.task)
+        out: dict[str, Tensor] = {}
+        for layer in self.layers:
+            for name in ("p", "k", "a"):
+                t = getattr(self, f"{name}_{layer}")
+                rows = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+                rows[s:f] = False
+                out[f"{prefix}{name}_{layer}"] = rows.view(-1, *([1] * (t.dim() - 1)))
+        return out
+
     def _take(self, t: Tensor, train: bool) -> Tensor:
         s, f = self.component_range(self.task)
         if train and s > 0:

@@ -122,6 +122,7 @@ class Trainer:
         self._feature_cache: tuple[Tensor, Tensor] | None = None
         self.scaler: torch.amp.GradScaler | None = None
         """fp16's loss scaler (None in fp32/bf16, whose range needs none); made by :meth:`fit`."""
+        self._frozen: list[tuple[Tensor, Tensor]] = []
         self.method.to(self.device)
 
     # ---- control -----------------------------------------------------------------------------
@@ -191,9 +192,34 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.method.cfg
         groups = self.method.optimizer_param_groups()
+        self._frozen = self._frozen_elements(groups)
         if cfg.optimizer == "adam":
             return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _frozen_elements(self, groups: list[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, full-shape bool mask) for the method's frozen elements of optimised parameters."""
+        optimised = {id(p) for g in groups for p in g["params"]}
+        params = dict(self.method.named_parameters())
+        out = []
+        for name, mask in self.method.frozen_masks().items():
+            if name not in params:
+                raise ValueError(f"frozen_masks() names '{name}', which is not a parameter of the method")
+            p = params[name]
+            if id(p) in optimised and bool(mask.any()):
+                out.append((p, mask.to(p.device).expand_as(p).clone()))
+        return out
+
+    def _frozen_values(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Copies of the method's frozen elements, taken before an optimizer step."""
+        return [(p, m, p.detach()[m].clone()) for p, m in self._frozen]
+
+    @staticmethod
+    def _restore_frozen(saved: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Put the frozen elements back after the step: bit-identical whatever weight decay or Adam did."""
+        with torch.no_grad():
+            for p, m, values in saved:
+                p[m] = values
 
     def _set_lr(self, epoch: int) -> None:
         cfg = self.method.cfg
@@ -228,6 +254,7 @@ class Trainer:
                     total += float(loss.detach()) * xs.shape[0] / n
                 break
             except torch.OutOfMemoryError as err:  # also a budget guard's BudgetExceeded
+                self.method.on_step_retry()  # the abandoned attempt's per-step state must not count
                 if micro <= 1:
                     raise
                 self.optimizer.zero_grad(set_to_none=True)
@@ -243,15 +270,18 @@ class Trainer:
         clip = self.method.cfg.clip_grad
         if clip is not None and params:
             torch.nn.utils.clip_grad_norm_(params, clip)
+        saved = self._frozen_values()
         if scaler is not None:
             scale = scaler.get_scale()
             scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
             scaler.update()
             if scaler.get_scale() < scale:
                 self.state.skipped_steps += 1
+                self.method.on_step_retry()  # no update happened: the step's method state is dropped
                 return total
         else:
             self.optimizer.step()
+        self._restore_frozen(saved)
         self.method.after_optimizer_step()
         return total
 
