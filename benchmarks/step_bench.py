@@ -18,6 +18,13 @@ batch are loaded; the peak above idle is ``VmHWM - idle RSS`` (the high-water ma
 idle RSS through ``/proc/self/clear_refs`` where Linux allows it, so loading transients cannot hide the
 step's peak). Times are the median of ``--steps`` steps after ``--warmup`` steps.
 
+With ``--reference PATH`` (a laymond1/cps-prompt checkout) the reference code's own step runs beside
+each pair in its own process (``reference_step.py``: its ``CPSPrompt.observe``; CODA-Prompt is its
+network at reduction ratio 0; modes ``phase1``, ``phase2_recompute``, ``inference``), on the same
+seeded weights and batch; ``--rounds N`` interleaves the pairs N times (the sides of a pair back to
+back, alternating which first) and reports per-round ratios and their median (``side_by_side.py``);
+``--kernels both`` adds edgecl's ``kernels=torch`` path (timm's modules) beside the default.
+
 A whole-task estimate for CPS+DPCT versus CODA-Prompt follows from the per-step figures (see
 :func:`task_estimate`); ``--validate-task`` also trains one short real task of each to check it.
 
