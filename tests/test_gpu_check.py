@@ -57,6 +57,7 @@ def test_cpu_dry_run_runs_every_step(tmp_path: Path) -> None:
     serve = units["serve"]["result"]
     assert serve["exit_code"] in (0, -15) and serve["graceful"]  # uvicorn re-raises the SIGTERM it handled
     assert serve["job"]["status"] == "done" and serve["predict"]["images"] > 0
+    assert serve["settings"]["device"] == "cpu" and serve["job"]["task_peak_cuda_allocated_mb"] == [None]
     assert units["export"]["result"]["top1_agreement"] >= 0.95
     rows = {r["method"]: r for r in units["bench"]["result"]["rows"]}
     assert set(rows) == {"cps_prompt", "coda_prompt", "patchdropout"}

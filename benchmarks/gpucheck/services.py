@@ -147,7 +147,9 @@ def unit_serve(ctx: Context, arg: str) -> dict[str, Any]:
         while True:
             _require(proc.poll() is None, f"server exited: {log_path.read_text()[-2000:]}", out)
             try:
-                if client.get("/readyz", timeout=5).status_code == 200:
+                ready = client.get("/readyz", timeout=5)
+                if ready.status_code == 200:
+                    out["settings"] = ready.json().get("settings")
                     break
             except httpx.HTTPError:
                 pass
@@ -176,7 +178,10 @@ def unit_serve(ctx: Context, arg: str) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 2),
             "error": job.get("error"),
             "telemetry": job.get("telemetry"),
-            "train_config": ((job.get("results") or [{}])[0].get("train_config")),
+            "task_peak_cuda_allocated_mb": [
+                ((t.get("telemetry") or {}).get("task") or {}).get("peak_cuda_allocated_mb")
+                for t in job.get("results") or []
+            ],
         }
         _require(job.get("status") == "done", f"job ended {job.get('status')}: {job.get('error')}", out)
         model = client.get("/v1/model").json()
@@ -221,8 +226,10 @@ def unit_serve(ctx: Context, arg: str) -> dict[str, Any]:
     _require(out["exit_code"] in (0, -signal.SIGTERM), f"serve exited {out['exit_code']} after SIGTERM", out)
     _require(out["graceful"], "no clean shutdown in the server log (or a traceback in it)", out)
     if not ctx.dry:
-        device = (out["job"]["train_config"] or {}).get("device")
-        _require(device == "cuda", f"the daemon trained on {device!r}, not cuda", out)
+        device = (out.get("settings") or {}).get("device")
+        _require(device == "cuda", f"the daemon runs on {device!r}, not cuda", out)
+        peaks = out["job"]["task_peak_cuda_allocated_mb"]
+        _require(bool(peaks) and None not in peaks, f"no CUDA peak in the job's tasks: {peaks}", out)
     return out
 
 

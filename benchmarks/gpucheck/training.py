@@ -21,7 +21,9 @@ def _method_options(ctx: Context, method: str, tasks: int) -> dict[str, Any]:
 
     from edgecl.methods.registry import get_method_class
 
-    names = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+    config = get_method_class(method).Config
+    fields = getattr(config, "model_fields", None)  # pydantic config models; dataclasses before them
+    names = set(fields) if fields is not None else {f.name for f in dataclasses.fields(config)}
     opts: dict[str, Any] = {}
     if "expected_tasks" in names:
         opts["expected_tasks"] = tasks
