@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SHARED ?= ../shared
 
-.PHONY: setup lock demo test test-fast test-random test-threads lint check-budget check-deploy clean
+.PHONY: setup lock demo test test-fast test-random test-threads lint check-budget check-deploy check-gpu gpu-wheels gpu-data clean
 
 # On x86_64 with Python 3.11 (this project's CI) setup installs the exact lock; elsewhere (a Jetson's L4T
 # torch, another Python) it resolves pyproject's ranges. `make lock` refreshes the lock after a dependency change.
@@ -55,6 +55,18 @@ check-budget: $(STAMP)
 
 check-deploy: $(STAMP)
 	$(PY) -m pytest -q tests/test_deploy.py tests/test_doctor.py
+
+# The GPU check (issue 20): `make gpu-wheels gpu-data` here (pip can download, ../shared is there), then on the
+# GPU machine, without network or venv: `make check-gpu OUT=DIR` (or benchmarks/gpu_check.sh DIR), with .gpu/.
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_prepare.py wheels
+
+gpu-data: $(STAMP)
+	$(PY) benchmarks/gpu_prepare.py data --shared $(SHARED)
+
+OUT ?= gpu-check-results
+check-gpu:
+	benchmarks/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
