@@ -178,6 +178,20 @@ def test_export_parity_and_dynamic_batch(zoo: Zoo, name: str) -> None:
     _assert_parity(zoo.onnx(info.path), TorchPredictor(model))
 
 
+def _clear_rows(ref: torch.Tensor, tolerance: float = PARITY_TOLERANCE) -> torch.Tensor:
+    """Rows whose top-1 leads the runner-up by more than twice the parity tolerance: there, logits within
+    the tolerance cannot rank differently, whatever the round-off of the CPU."""
+    top2 = ref.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+
+
+def _assert_same_top1(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Identical top-1 on every row the parity tolerance decides (a near-tie may go either way)."""
+    clear = _clear_rows(ref)
+    assert clear.any(), "every row a near-tie: the check would be empty"
+    assert torch.equal(got.argmax(1)[clear], ref.argmax(1)[clear])
+
+
 def _assert_parity(ort_pred: OnnxPredictor, torch_pred: TorchPredictor) -> None:
     """Logits within the tolerance and identical top-1 at batch sizes 1 and 7."""
     s = ort_pred.info.img_size
@@ -186,7 +200,7 @@ def _assert_parity(ort_pred: OnnxPredictor, torch_pred: TorchPredictor) -> None:
         got, ref = ort_pred.logits(x), torch_pred.logits(x)
         assert got.shape == ref.shape == (batch, ort_pred.info.num_classes)
         assert float((got - ref).abs().max()) <= PARITY_TOLERANCE
-        assert torch.equal(got.argmax(1), ref.argmax(1))
+        _assert_same_top1(got, ref)
 
 
 @pytest.mark.parametrize("name", UNEXPORTABLE)
@@ -358,8 +372,12 @@ def test_parity_on_real_images(tmp_path: Path) -> None:
     assert x.shape == (6, 3, 64, 64) and torch.equal(x, torch_pred.preprocess(files))
     got, ref = ort_pred.logits(x), torch_pred.logits(x)
     assert float((got - ref).abs().max()) <= PARITY_TOLERANCE
-    assert torch.equal(got.argmax(1), ref.argmax(1))
-    assert ort_pred.predict(files)[1] == torch_pred.predict(files)[1]
+    _assert_same_top1(got, ref)
+    clear = _clear_rows(ref).tolist()
+    ort_labels, torch_labels = ort_pred.predict(files)[1], torch_pred.predict(files)[1]
+    assert [a for a, c in zip(ort_labels, clear, strict=True) if c] == [
+        b for b, c in zip(torch_labels, clear, strict=True) if c
+    ]
 
 
 # ---- bad model files ----------------------------------------------------------------------------
