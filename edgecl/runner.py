@@ -127,7 +127,7 @@ def build_stream(spec: RunSpec, backbone: FrozenViT) -> TaskStream:
     if spec.data == "synthetic":
         return synthetic_stream(
             spec.tasks,
-            classes_per_task=(spec.num_classes or 2 * spec.tasks) // spec.tasks,
+            num_classes=spec.num_classes or 2 * spec.tasks,
             per_class=spec.limit_per_class or 32,
             test_per_class=spec.test_limit_per_class or 16,
             seed=spec.seed,
@@ -163,11 +163,18 @@ def build_run(
         torch.set_num_threads(spec.threads)
     backbone = backbone if backbone is not None else build_backbone(spec)
     options = dict(spec.method_options)
+    own_stream = stream is not None
     if stream is None:
         stream = build_stream(spec, backbone)
         options.setdefault("expected_tasks", max(len(stream.tasks), 1))
     torch.manual_seed(spec.seed)
     method = create_method(spec.method, backbone, options)
+    tasks = len(stream.tasks)
+    if not own_stream and method.pool_bound_to_tasks() and method.cfg.expected_tasks < tasks:
+        raise ValueError(
+            f"method '{spec.method}': expected_tasks={method.cfg.expected_tasks} is less than the stream's "
+            f"{tasks} tasks; set --expected-tasks {tasks}, or leave it unset (it defaults to the task count)"
+        )
     config = TrainConfig(
         epochs=spec.epochs,
         batch_size=spec.batch_size,

@@ -10,12 +10,21 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgecl.config import describe_validation_error
 
 __all__ = [
     "MIN_TOKEN_LENGTH",
     "NEW_TOKEN_COMMAND",
+    "ENV_PREFIX",
+    "ServiceSettings",
     "SettingLookup",
     "TokenError",
     "check_token_value",
@@ -105,3 +114,113 @@ class SettingLookup:
             self.sources[key] = f"{self.env_file_path} {env}"
             return self.env_file[env]
         return None
+
+
+ENV_PREFIX = "EDGECL_"
+FLAGS = {
+    "profile": "--profile",
+    "data_dir": "--data-dir",
+    "host": "--host",
+    "port": "--port",
+    "memory_budget_mb": "--memory-budget-mb",
+    "weights": "--weights",
+}
+"""The settings that also have a command-line flag (the others come from the environment only)."""
+
+_Layers = tuple[Mapping[str, str], Mapping[str, str]]
+_LAYERS: ContextVar[_Layers | None] = ContextVar("edgecl_layers", default=None)
+"""The environment and env-file mappings of the :meth:`ServiceSettings.resolve` call in progress."""
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """``EDGECL_<FIELD>`` values from a mapping (the process environment, or a parsed systemd env file)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """The raw string of ``field_name`` (empty values count as unset, as in systemd)."""
+        value = self.values.get(ENV_PREFIX + field_name.upper())
+        return (value or None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, info in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(info, name)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+class ServiceSettings(BaseSettings):
+    """What ``edgecl serve`` (and ``edgecl doctor``) read from a flag, else ``EDGECL_<NAME>``, else the env
+    file (a pydantic-settings model: strings from the environment are converted and checked here)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    profile: str | None = None
+    """Device profile name or path (``EDGECL_PROFILE``); None = autodetected for the machine."""
+    data_dir: str | None = None
+    """Where the store, uploads and models live; None = the profile's ``data_dir``."""
+    host: str | None = None
+    """Listen address; None = 127.0.0.1."""
+    port: int | None = Field(None, ge=0, lt=65536)
+    """Listen port; None = 8470."""
+    memory_budget_mb: float | None = Field(None, gt=0)
+    """Overrides the profile's memory budget (MiB)."""
+    weights: str | None = None
+    """Backbone weights file; overrides the profile's."""
+    profiles_dir: str | None = None
+    """Extra folder searched first for profiles (``EDGECL_PROFILES_DIR``)."""
+    token: str | None = Field(None, repr=False)
+    """The bearer token itself (``EDGECL_TOKEN``; never logged)."""
+    token_file: str | None = None
+    """File holding the bearer token; None = ``DATA_DIR/token``."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init values), then the environment, then the env file, as :meth:`resolve` gives them."""
+        layers = _LAYERS.get()
+        environ, env_file = layers if layers is not None else (os.environ, {})
+        return init_settings, _MappingSource(settings_cls, environ), _MappingSource(settings_cls, env_file)
+
+    @classmethod
+    def resolve(
+        cls,
+        flags: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+        env_file: Mapping[str, str] | None = None,
+        env_file_path: str = "",
+    ) -> tuple[ServiceSettings, dict[str, str]]:
+        """(settings, where each set value came from); flag values that are None or empty are unset. A bad
+        value is a ``ValueError`` naming the flag or variable it came from."""
+        environ = os.environ if environ is None else environ
+        env_file = env_file or {}
+        given = {k: v for k, v in flags.items() if v not in (None, "")}
+        sources: dict[str, str] = {}
+        for name in cls.model_fields:
+            env = ENV_PREFIX + name.upper()
+            if name in given:
+                sources[name] = FLAGS.get(name, name)
+            elif environ.get(env):
+                sources[name] = f"environment {env}"
+            elif env_file.get(env):
+                sources[name] = f"{env_file_path} {env}"
+        token = _LAYERS.set((environ, env_file))
+        try:
+            return cls(**given), sources
+        except ValidationError as err:
+            text = describe_validation_error(err, cls).replace(" or null", "")  # unset = leave it empty
+            for name, where in sources.items():
+                text = text.replace(f"{name}: ", f"{name} (from {where}): ", 1)
+            raise ValueError(f"setting {text}") from None
+        finally:
+            _LAYERS.reset(token)

@@ -154,3 +154,54 @@ def test_cli_prints_config_errors_without_a_traceback(capsys: pytest.CaptureFixt
     assert "Traceback" not in err
     assert cli_main(["train", "--method", "cps_prompt", "--sampling", "best", "--tasks", "2"]) == 2
     assert "sampling: must be one of 'critical', 'uniform' or 'topk' (got 'best')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("classes", "tasks", "sizes"),
+    [(100, 7, [15, 15, 14, 14, 14, 14, 14]), (10, 3, [4, 3, 3]), (10, 10, [1] * 10), (6, 1, [6])],
+)
+def test_classes_split_into_any_number_of_tasks(classes: int, tasks: int, sizes: list[int]) -> None:
+    from edgecl.data.stream import split_tasks
+
+    splits = split_tasks(classes, tasks)
+    assert [len(r) for r in splits] == sizes
+    assert [c for r in splits for c in r] == list(range(classes))  # contiguous, every class once
+    with pytest.raises(ValueError, match=f"choose --tasks between 1 and {classes}"):
+        split_tasks(classes, classes + 1)
+
+
+def test_synthetic_stream_with_a_remainder_and_too_few_expected_tasks(tiny_vit: object) -> None:
+    from edgecl.runner import RunSpec, build_run
+
+    spec = RunSpec(method="linear_probe", tasks=3, num_classes=7, limit_per_class=2, test_limit_per_class=1)
+    _, stream, _ = build_run(spec, backbone=tiny_vit)  # type: ignore[arg-type]
+    assert [t.classes for t in stream.tasks] == [[0, 1, 2], [3, 4], [5, 6]]
+    spec = RunSpec(method="dualprompt", tasks=3, limit_per_class=2, method_options={"expected_tasks": 2})
+    with pytest.raises(
+        ValueError, match="expected_tasks=2 is less than the stream's 3 tasks; set --expected-tasks 3"
+    ):
+        build_run(spec, backbone=tiny_vit)  # type: ignore[arg-type]
+
+
+def test_service_settings_flag_env_envfile_and_errors_name_the_source() -> None:
+    from edgecl.settings import ServiceSettings
+
+    environ = {"EDGECL_PORT": "9002", "EDGECL_HOST": "e", "EDGECL_DATA_DIR": ""}
+    env_file = {"EDGECL_PORT": "1", "EDGECL_WEIGHTS": "w.safetensors", "EDGECL_DATA_DIR": "/d"}
+    s, sources = ServiceSettings.resolve({"port": "", "host": "h"}, environ, env_file, "/etc/edgecl.env")
+    assert (s.port, s.host, s.weights, s.data_dir, s.profile) == (9002, "h", "w.safetensors", "/d", None)
+    assert sources == {
+        "host": "--host",
+        "port": "environment EDGECL_PORT",
+        "weights": "/etc/edgecl.env EDGECL_WEIGHTS",
+        "data_dir": "/etc/edgecl.env EDGECL_DATA_DIR",  # an empty variable counts as unset (systemd)
+    }
+    with pytest.raises(
+        ValueError, match=r"port \(from environment EDGECL_PORT\): must be an integer \(got 'x'\)"
+    ):
+        ServiceSettings.resolve({}, {"EDGECL_PORT": "x"})
+    with pytest.raises(ValueError, match=r"port \(from --port\): must be < 65536 \(got 70000\)"):
+        ServiceSettings.resolve({"port": 70000}, {})
+    with pytest.raises(ValueError, match=r"memory_budget_mb \(from .*EDGECL_MEMORY_BUDGET_MB\): must be > 0"):
+        ServiceSettings.resolve({}, {}, {"EDGECL_MEMORY_BUDGET_MB": "-5"}, "f.env")
+    assert "s3cret-value" not in repr(ServiceSettings.resolve({}, {"EDGECL_TOKEN": "s3cret-value" * 2})[0])

@@ -143,14 +143,22 @@ def order_classes(names: Sequence[str], order: str, seed: int) -> list[str]:
 
 
 def split_tasks(num_classes: int, num_tasks: int) -> list[range]:
-    """Equal-size contiguous splits of ``num_classes`` class ids into ``num_tasks`` tasks."""
-    if num_tasks < 1 or num_classes % num_tasks:
+    """Contiguous splits of ``num_classes`` class ids into ``num_tasks`` tasks: ``num_classes // num_tasks``
+    classes each, the remainder one more each for the first tasks (100 classes in 7 tasks: 15, 15, 14, ...,
+    as prompt pools are split), so any ``--tasks`` up to the class count works."""
+    if not 1 <= num_tasks <= num_classes:
         raise ValueError(
-            f"{num_classes} classes cannot be split into {num_tasks} equal tasks; "
-            f"choose --tasks among the divisors of {num_classes} or pass --num-classes"
+            f"{num_classes} classes cannot be split into {num_tasks} tasks; choose --tasks between 1 and "
+            f"{num_classes} (or more classes with --num-classes)"
         )
-    per = num_classes // num_tasks
-    return [range(i * per, (i + 1) * per) for i in range(num_tasks)]
+    base, extra = divmod(num_classes, num_tasks)
+    out: list[range] = []
+    start = 0
+    for t in range(num_tasks):
+        size = base + (1 if t < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
 
 
 def scan_image_folder(root: Path, limit_per_class: int | None = None) -> dict[str, list[str]]:

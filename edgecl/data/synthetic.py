@@ -59,9 +59,13 @@ def synthetic_stream(
     seed: int = 0,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    num_classes: int | None = None,
 ) -> TaskStream:
-    """A class-incremental stream of SYNTHETIC procedural classes (for tests and the offline demo)."""
-    n = num_tasks * classes_per_task
+    """A class-incremental stream of SYNTHETIC procedural classes (for tests and the offline demo).
+
+    ``num_classes`` (instead of ``num_tasks * classes_per_task``) may leave a remainder: the first tasks
+    then get one class more (:func:`~edgecl.data.stream.split_tasks`)."""
+    n = num_classes if num_classes is not None else num_tasks * classes_per_task
     names = [f"synthetic-{c:03d}" for c in range(n)]
     return from_tensors(
         make_synthetic(n, per_class, img_size, seed, "train"),

@@ -1,6 +1,8 @@
 """Settings of ``edgecl serve``: flag, then ``EDGECL_*`` environment variable, then the service's env file,
 then the profile, then the built-in default (the order ``edgecl doctor`` checks). Empty values count as unset,
-as in systemd's ``EnvironmentFile=``.
+as in systemd's ``EnvironmentFile=``. The first three layers are one pydantic-settings model
+(:class:`edgecl.settings.ServiceSettings`), which converts and checks the strings (a bad ``EDGECL_PORT`` names
+the variable); the profile is a :class:`~edgecl.profiles.Profile` model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from edgecl.data.ingest import IngestLimits
 from edgecl.profiles import Profile, load_profile
-from edgecl.settings import SettingLookup, check_token_value, read_env_file, read_token_file
+from edgecl.settings import ServiceSettings, check_token_value, read_env_file, read_token_file
 
 __all__ = [
     "DEFAULT_ENV_FILE",
@@ -119,13 +121,6 @@ def _default_profile_name() -> str:
     return default_profile_name()
 
 
-def _number(value: Any, what: str, kind: type = float) -> Any:
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-
-
 def resolve_token(token: str | None, token_file: str | None, data_dir: Path) -> tuple[str, str]:
     """(token, where it came from): ``EDGECL_TOKEN``, else the token file (created 0600 with a random token
     when missing), else ``DATA_DIR/token`` (likewise). The file's path is logged, the token never."""
@@ -174,23 +169,24 @@ def resolve_settings(
     env_file_path = env_file or ""
     if env_file_path and Path(env_file_path).is_file():
         file_values = read_env_file(env_file_path)
-    look = SettingLookup(environ, file_values, env_file_path)
-    profile_name = look.get("profile", profile, "--profile", "EDGECL_PROFILE")
+    flags = {
+        "profile": profile,
+        "data_dir": data_dir,
+        "host": host,
+        "port": port,
+        "memory_budget_mb": memory_budget_mb,
+        "weights": weights,
+    }
+    given, sources = ServiceSettings.resolve(flags, environ, file_values, env_file_path)
+    profile_name = given.profile
     if profile_name is None:
         profile_name = _default_profile_name()
-        look.sources["profile"] = "autodetected for this machine"
-    budget = look.get("memory_budget_mb", memory_budget_mb, "--memory-budget-mb", "EDGECL_MEMORY_BUDGET_MB")
-    weights_value = look.get("weights", weights, "--weights", "EDGECL_WEIGHTS")
-    profiles_dir = look.get("profiles_dir", None, "", "EDGECL_PROFILES_DIR")
-    if profiles_dir and not environ.get("EDGECL_PROFILES_DIR"):
-        os.environ["EDGECL_PROFILES_DIR"] = str(profiles_dir)  # the profile loader reads the environment
-    prof = load_profile(
-        str(profile_name),
-        memory_budget_mb=_number(budget, "memory budget (MB)") if budget is not None else None,
-        weights=str(weights_value) if weights_value is not None else None,
-    )
-    if weights_value is None and prof.weights:
-        look.sources["weights"] = "profile"
+        sources["profile"] = "autodetected for this machine"
+    if given.profiles_dir and not environ.get("EDGECL_PROFILES_DIR"):
+        os.environ["EDGECL_PROFILES_DIR"] = given.profiles_dir  # the profile loader reads the environment
+    prof = load_profile(profile_name, memory_budget_mb=given.memory_budget_mb, weights=given.weights)
+    if given.weights is None and prof.weights:
+        sources["weights"] = "profile"
     allow_random = bool(options.get("allow_random_backbone"))
     if prof.weights is None and not allow_random:
         raise ValueError(
@@ -200,19 +196,14 @@ def resolve_settings(
             "tests only.)"
         )
     if prof.weights is not None and not Path(prof.weights).expanduser().is_file():
-        raise ValueError(
-            f"backbone weights file not found: {prof.weights} (from {look.sources.get('weights')})"
-        )
-    dir_value = look.get("data_dir", data_dir, "--data-dir", "EDGECL_DATA_DIR")
+        raise ValueError(f"backbone weights file not found: {prof.weights} (from {sources.get('weights')})")
+    dir_value = given.data_dir
     if dir_value is None:
-        dir_value, look.sources["data_dir"] = prof.data_dir, "profile"
-    data_path = Path(str(dir_value)).expanduser().resolve()
-    host_value = str(look.get("host", host, "--host", "EDGECL_HOST") or DEFAULT_HOST)
-    port_value = _number(look.get("port", port, "--port", "EDGECL_PORT") or DEFAULT_PORT, "port", int)
-    if not 0 <= port_value < 65536:
-        raise ValueError(f"port {port_value} is out of range")
-    token_value = look.get("token", None, "", "EDGECL_TOKEN")
-    token_file = look.get("token_file", None, "", "EDGECL_TOKEN_FILE")
+        dir_value, sources["data_dir"] = prof.data_dir, "profile"
+    data_path = Path(dir_value).expanduser().resolve()
+    host_value = given.host or DEFAULT_HOST
+    port_value = DEFAULT_PORT if given.port is None else given.port
+    token_value, token_file = given.token, given.token_file
     data_path.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(data_path).free < 256 * 2**20:
         log.warning("less than 256 MB free in %s: uploads and checkpoints may fail", data_path)
@@ -224,6 +215,6 @@ def resolve_settings(
         token_source=token_source,
         host=host_value,
         port=port_value,
-        sources=dict(sorted(look.sources.items())),
+        sources=dict(sorted(sources.items())),
         **options,
     )
