@@ -325,3 +325,31 @@ def test_default_dpw_parts_learn_and_beat_head_only(backbone: FrozenViT) -> None
     assert all(torch.equal(m.slot(0).bg, torch.full_like(m.slot(0).bg, -4.0)) for m in head_only.dpw_layers())
     assert full["final_average_accuracy"] >= 0.75
     assert full["final_average_accuracy"] >= base["final_average_accuracy"] + 0.25, (full, base)
+
+
+def test_svd_inits_by_their_defining_properties(backbone: FrozenViT) -> None:
+    """Prefix values: the top-Lp output-space singular vectors of W_V scaled by W_V's mean column norm;
+    W_G: the top h'·Lp left singular vectors of W_Q W_Kᵀ; the adapter's down-projection: the top-r
+    input-space singular vectors of W_V. Checked sign-free: orthogonality and the singular values each
+    direction carries (|W_Vᵀ u_i| = s_i, |W_V v_j| = s_j, |(W_Q W_Kᵀ)ᵀ u_k| = σ_k)."""
+    method = make(backbone, adapter_rank=8)
+    mod = layer0(method)
+    w = backbone.vit.blocks[0].attn.qkv.weight.detach().double()
+    d = w.shape[1]
+    w_q, w_k, w_v = w[:d], w[d : 2 * d], w[2 * d :]
+    s_v = torch.linalg.svdvals(w_v)
+    lp, h = method.cfg.prefix_length, method.prefix_heads
+    scale = float(w_v.norm(dim=0).mean())
+    prefix = mod.slot(0).prefix.detach().double()  # Lp x D
+    assert torch.allclose(prefix @ prefix.T, scale**2 * torch.eye(lp, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose((w_v.T @ prefix.T).norm(dim=0), scale * s_v[:lp], rtol=1e-4)
+    wg = mod.slot(0).wg.detach().double().permute(1, 0, 2).reshape(d, h * lp)  # back to D x h'Lp columns
+    assert torch.allclose(wg.T @ wg, torch.eye(h * lp, dtype=torch.float64), atol=1e-5)
+    m = w_q @ w_k.T
+    assert torch.allclose((m.T @ wg).norm(dim=0), torch.linalg.svdvals(m)[: h * lp], rtol=1e-4)
+    down = mod.down.double()  # D x r
+    assert torch.allclose(down.T @ down, torch.eye(8, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose((w_v @ down).norm(dim=0), s_v[:8], rtol=1e-4)
+    for slot in mod.all_slots()[1:]:  # every slot starts from the same init
+        assert torch.equal(slot.prefix, mod.slot(0).prefix) and torch.equal(slot.wg, mod.slot(0).wg)
+    assert bool((mod.slot(0).bg == method.cfg.bias_init).all())
