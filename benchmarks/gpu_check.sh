@@ -30,9 +30,10 @@ site="$repo/.gpu/site"
 wheels="$repo/.gpu/wheels"
 if ! "$python" -c 'import fastapi, uvicorn, python_multipart, pydantic, prometheus_client, confusable_homoglyphs' 2>/dev/null; then
     if compgen -G "$wheels/*.whl" >/dev/null; then
-        echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site"
+        whls=("$wheels"/*.whl)
+        echo "installing ${#whls[@]} wheels from $wheels into $site"
         "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$site" "$wheels"/*.whl
+            --target "$site" "${whls[@]}"
     else
         echo "warning: serve's packages are missing and $wheels has no wheels (make gpu-wheels)" >&2
     fi
@@ -40,4 +41,4 @@ fi
 export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 cd "$repo"
-exec "$python" benchmarks/gpu_check.py "${dry[@]}" "$out"
+exec "$python" benchmarks/gpu_check.py ${dry[@]+"${dry[@]}"} "$out"

@@ -15,7 +15,7 @@ WEIGHTS = GPU_DATA / "vit_tiny_p8_64_tin100.safetensors"
 TOKEN = "gpu-check-token-0123456789abcdef"
 BENCH_METHODS = ("cps_prompt", "coda_prompt", "patchdropout")
 PRECISIONS = ("fp32", "bf16", "fp16")
-BUDGETS = ("comfortable", "tight", "impossible")
+BUDGETS = ("tight", "comfortable", "impossible")
 
 
 @dataclass

@@ -251,21 +251,44 @@ def _planner_inputs(ctx: Context) -> tuple[Any, Any]:
     return spec, profile
 
 
+def _plan_without_budget(ctx: Context) -> Any:
+    """The planner's answer for the budget runs with no budget (full batch), in this process."""
+    import gc
+
+    from edgecl.budget import Planner
+    from edgecl.runner import build_run
+
+    spec, profile = _planner_inputs(ctx)
+    method, stream, config = build_run(spec)
+    plan = Planner(method, config, profile, stream=stream, budget_mb=None).plan()
+    del method, stream
+    gc.collect()
+    return plan
+
+
+def _tight(plan: Any) -> float | None:
+    """A budget halfway between micro-batch 1's minimum and the full batch's need (None: no room)."""
+    need = plan.predicted_peak_mb + plan.headroom_mb
+    return (
+        float(math.floor((plan.minimum_budget_mb + need) / 2)) if need - plan.minimum_budget_mb >= 8 else None
+    )
+
+
 def unit_budget(ctx: Context, which: str) -> dict[str, Any]:
-    """``probe``: plan without a budget and choose the three budgets; else train under one of them."""
+    """``probe``: plan without a budget and choose the three budgets; else train under one of them.
+
+    The tight budget is derived again in its own unit from a fresh plan: the idle baseline (RSS on a CPU)
+    moves between processes and after earlier runs, and the gap it must fall into is only what the full
+    batch's activations add to micro-batch 1's need.
+    """
     budgets_file = Path(ctx.work) / "budgets.json"
     if which == "probe":
-        from edgecl.budget import Planner
-        from edgecl.runner import build_run
-
-        spec, profile = _planner_inputs(ctx)
-        method, stream, config = build_run(spec)
-        plan = Planner(method, config, profile, stream=stream, budget_mb=None).plan()
+        plan = _plan_without_budget(ctx)
         need = plan.predicted_peak_mb + plan.headroom_mb
         minimum = plan.minimum_budget_mb
         budgets = {
             "comfortable": float(math.ceil(need * 1.5 + 64)),
-            "tight": float(math.floor((minimum + need) / 2)) if need - minimum >= 8 else None,
+            "tight": _tight(plan),
             "impossible": float(max(1, math.floor(minimum / 2))),
         }
         out = {
@@ -289,11 +312,21 @@ def unit_budget(ctx: Context, which: str) -> dict[str, Any]:
     _require(budgets_file.is_file(), "the budget probe did not run (no budgets.json)")
     probe = json.loads(budgets_file.read_text())
     budget = probe["budgets"][which]
+    fresh = None
+    if which == "tight":
+        fresh = _plan_without_budget(ctx)
+        budget = _tight(fresh)
     if budget is None:
         return {"budget": None, "skipped": "full batch needs < 8 MB above the minimum: nothing to force"}
     spec, profile = _planner_inputs(ctx)
     spec.memory_budget_mb = budget
     out: dict[str, Any] = {"budget_mb": budget}
+    if fresh is not None:
+        out["derived_from"] = {
+            "idle_baseline_mb": fresh.idle_baseline_mb,
+            "minimum_budget_mb": fresh.minimum_budget_mb,
+            "full_batch_need_mb": fresh.predicted_peak_mb + fresh.headroom_mb,
+        }
     try:
         run = prepare_run(spec, profile=profile)
     except BudgetError as err:
