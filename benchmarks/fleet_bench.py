@@ -71,7 +71,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-alone", action="store_true", help="leave (a) out (it costs as much as (c))")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fleet_bench.json"))
+    p.add_argument("--render", metavar="JSON", help="print the markdown table of a results file and exit")
     return p.parse_args(argv)
+
+
+def render(out: dict[str, Any]) -> str:
+    """The FLEET.md table of a results dict (accuracies in %, bytes in MB, seconds of wall time)."""
+    c = out["central"]
+    lines = [
+        "| devices | split | images per device | (a) alone: mean [min, max] | (b) fleet | (c) all data "
+        "| fleet gap closed | rounds | MB down / up per round per device | whole model MB "
+        "| wall s (a) / (b) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in out["runs"]:
+        f, a = row["fleet"], row.get("alone")
+        imgs = row["images_per_device"]
+        alone = (
+            f"{100 * a['final_average_accuracy_mean']:.1f} [{100 * a['final_average_accuracy_min']:.1f}, "
+            f"{100 * a['final_average_accuracy_max']:.1f}]"
+            if a
+            else "-"
+        )
+        gap = "-"
+        if a and c["final_average_accuracy"] > a["final_average_accuracy_mean"]:
+            closed = (f["final_average_accuracy"] - a["final_average_accuracy_mean"]) / (
+                c["final_average_accuracy"] - a["final_average_accuracy_mean"]
+            )
+            gap = f"{100 * closed:.0f} %"
+        lines.append(
+            f"| {row['devices']} | {row['partition']} | {min(imgs)}-{max(imgs)} | {alone} "
+            f"| {100 * f['final_average_accuracy']:.1f} | {100 * c['final_average_accuracy']:.1f} | {gap} "
+            f"| {f['rounds']} | {f['bytes_down_per_round_per_device'] / 1e6:.2f} / "
+            f"{f['bytes_up_per_round_per_device'] / 1e6:.2f} | {f['whole_model_bytes'] / 1e6:.1f} "
+            f"| {a['seconds_total'] if a else 0:.0f} / {f['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def recipe(args: argparse.Namespace, epochs: int) -> dict[str, Any]:
@@ -168,6 +203,9 @@ def train_fleet(
 def main(argv: list[str] | None = None) -> int:
     """Run every configuration; print a table and write the JSON."""
     args = parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     n_classes = args.tasks * args.classes_per_task
@@ -246,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps(out, indent=1))
     out["wall_seconds"] = time.perf_counter() - t_all
     Path(args.out).write_text(json.dumps(out, indent=1))
+    print(render(out))
     print(
         f"machine: {out['machine']['cpu']}, {out['machine']['cores']} cores; "
         f"total {out['wall_seconds']:.0f} s"
