@@ -12,6 +12,9 @@ SHARED ?= ../shared
 LOCK      := requirements-dev.lock
 LOCKABLE  := $(shell test "$$(uname -m)" = x86_64 && $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null && echo yes)
 RANDOM_SEEDS ?= 1 2 3
+# Test processes (pytest-xdist): the suite is single-threaded per test, so CI's 2 cores run 2 at a time.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 
 $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,17 +37,17 @@ demo: $(STAMP)
 	$(PY) -m edgecl.demo --shared $(SHARED)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The suite must not depend on test order or thread count (issue #17): three shuffled orders, two threads.
 test-random: $(STAMP)
-	for seed in $(RANDOM_SEEDS); do $(PY) -m pytest -q -p no:cacheprovider -p random_order --random-order-bucket=global --random-order-seed=$$seed || exit 1; done
+	for seed in $(RANDOM_SEEDS); do $(PY) -m pytest -q -p no:cacheprovider -p random_order --random-order-bucket=global --random-order-seed=$$seed $(XDIST) || exit 1; done
 
 test-threads: $(STAMP)
-	EDGECL_TEST_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider
+	EDGECL_TEST_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgecl tests benchmarks
