@@ -88,6 +88,8 @@ class RunSpec:
     precision: str = "fp32"
     threads: int | None = None
     eval_batch_size: int | None = None
+    min_steps: int | None = None
+    """Optimiser steps per task at least (``TrainConfig.min_steps``); None = the trainer's default."""
     """Evaluation and phase-2 caching batch; None = the trainer's default (the planner may lower it)."""
     checkpoint_dir: str | None = None
     model_dir: str | None = None
@@ -180,6 +182,7 @@ def build_run(
         batch_size=spec.batch_size,
         micro_batch_size=spec.micro_batch_size,
         eval_batch_size=spec.eval_batch_size or TrainConfig.eval_batch_size,
+        min_steps=TrainConfig.min_steps if spec.min_steps is None else spec.min_steps,
         seed=spec.seed,
         device=spec.device,
         precision=spec.precision,

@@ -228,3 +228,33 @@ def test_baselines_in_every_bench() -> None:
     assert {"simplecil", "linear_probe"} <= set(out["specs"])
     assert out["specs"]["linear_probe"]["method_options"] == {}
     assert "reduction_rate" in out["dropped"]["simplecil"]
+
+
+class _Steps(Callback):
+    def __init__(self) -> None:
+        self.per_epoch: list[int] = []
+
+    def on_epoch_end(self, trainer: Trainer, task: int, epoch: int, logs: dict) -> None:  # type: ignore[type-arg]
+        self.per_epoch.append(trainer.state.step)
+
+
+@pytest.mark.parametrize(("min_steps", "passes"), [(0, 1), (4, 1), (5, 2), (10, 3)])
+def test_min_steps_repeats_passes_per_epoch(tiny_vit: FrozenViT, min_steps: int, passes: int) -> None:
+    """16 images per task, batch 8, 2 epochs = 4 steps; min_steps raises it in whole passes over the data."""
+    m = create_method("linear_probe", tiny_vit, {"expected_tasks": 2, "transform": "train"})
+    seen: list[int] = []
+    loss = m.training_loss
+
+    def counting(x, y, phase):  # type: ignore[no-untyped-def]
+        seen.extend(y.tolist())
+        return loss(x, y, phase)
+
+    m.training_loss = counting  # type: ignore[method-assign]
+    steps = _Steps()
+    res = Trainer(m, _stream(8), TrainConfig(epochs=2, batch_size=8, min_steps=min_steps), [steps]).fit()
+    assert steps.per_epoch == [2 * passes] * 4
+    assert [t["passes_per_epoch"] for t in res["tasks"]] == [passes, passes]
+    # every pass is a whole permutation: each image once per pass
+    assert [seen.count(c) for c in range(4)] == [8 * passes * 2] * 4
+    with pytest.raises(ValueError, match="min_steps"):
+        TrainConfig(min_steps=-1).validate()

@@ -52,6 +52,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help="optimiser steps per task at least: small tasks pass over their data more often per epoch",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda or auto (default: the profile's, else cpu)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
@@ -142,6 +148,7 @@ def spec_from_args(args: argparse.Namespace, method: str | None) -> Any:
         ("patch_size", args.patch_size),
         ("epochs", args.epochs),
         ("batch_size", args.batch_size),
+        ("min_steps", args.min_steps),
         ("seed", args.seed),
         ("device", args.device),
         ("precision", args.precision),

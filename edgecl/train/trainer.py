@@ -53,6 +53,11 @@ class TrainConfig:
     micro_batch_size: int | None = None
     """Forward/backward chunk (gradient accumulation); None = the whole batch. Set by the planner."""
     eval_batch_size: int = 64
+    min_steps: int = 0
+    """Optimiser steps every task takes at least: when ``epochs`` x batches per epoch is fewer, each epoch
+    passes over the task's data ``ceil(min_steps / (epochs x batches))`` times (phases, the per-epoch
+    schedule and checkpoints keep their epochs). Small tasks (tens of images per class) otherwise get too
+    few steps to learn; 0 turns it off. Recorded per task as ``passes_per_epoch``."""
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
@@ -75,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.micro_batch_size is not None and not self.micro_batch_size >= 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.precision not in {"fp32", "bf16", "fp16"}:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -228,8 +235,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def _steps_per_epoch(self, t: int) -> int:
+    def _batches(self, t: int) -> int:
         return math.ceil(len(self.stream.tasks[t].train) / self.config.batch_size)  # type: ignore[arg-type]
+
+    def _passes(self, t: int) -> int:
+        """Passes over the data per epoch so the task takes at least ``min_steps`` optimiser steps."""
+        per_task = self._batches(t) * self.config.epochs
+        return max(1, math.ceil(self.config.min_steps / max(per_task, 1)))
+
+    def _steps_per_epoch(self, t: int) -> int:
+        return self._batches(t) * self._passes(t)
 
     # ---- one optimizer step --------------------------------------------------------------------
     def _step(self, x: Tensor, y: Tensor, phase: Phase, cached: bool) -> float:
@@ -300,21 +315,23 @@ class Trainer:
     def _epoch_batches(self, t: int, epoch: int, phase: Phase) -> Iterator[tuple[Tensor, Tensor, bool]]:
         """(x, y, cached) batches of one epoch; x are features when ``cached``."""
         task = self.stream.tasks[t]
-        seed = derive_seed(self.config.seed, t, epoch, "data")
-        if phase is Phase.HEAD and self.method.phase2_cacheable():
-            if self._feature_cache is None:
-                self._feature_cache = self._build_cache(t)
-            feats, labels = self._feature_cache
-            gen = torch.Generator()
-            gen.manual_seed(seed)
-            order = torch.randperm(feats.shape[0], generator=gen).to(feats.device)
-            for s in range(0, feats.shape[0], self.config.batch_size):
-                idx = order[s : s + self.config.batch_size]
-                yield feats[idx], labels[idx], True
-            return
-        data = task.train if self.method.phase_transform(phase) == "train" else task.train_eval
-        for x, y in self._loader(data, True, self.config.batch_size, seed):
-            yield x.to(self.device), y.to(self.device), False
+        for rep in range(self._passes(t)):
+            parts: tuple[int | str, ...] = (self.config.seed, t, epoch, "data") + ((rep,) if rep else ())
+            seed = derive_seed(*parts)
+            if phase is Phase.HEAD and self.method.phase2_cacheable():
+                if self._feature_cache is None:
+                    self._feature_cache = self._build_cache(t)
+                feats, labels = self._feature_cache
+                gen = torch.Generator()
+                gen.manual_seed(seed)
+                order = torch.randperm(feats.shape[0], generator=gen).to(feats.device)
+                for s in range(0, feats.shape[0], self.config.batch_size):
+                    idx = order[s : s + self.config.batch_size]
+                    yield feats[idx], labels[idx], True
+                continue
+            data = task.train if self.method.phase_transform(phase) == "train" else task.train_eval
+            for x, y in self._loader(data, True, self.config.batch_size, seed):
+                yield x.to(self.device), y.to(self.device), False
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -488,6 +505,7 @@ class Trainer:
             "task": t,
             "classes": [self.stream.class_order[c] for c in task.classes],
             "train_images": len(task.train),  # type: ignore[arg-type]
+            "passes_per_epoch": self._passes(t),
             "accuracy": accs,
             "average_accuracy": sum(accs) / len(accs),
             **self.method.extra_metrics(),
