@@ -258,3 +258,23 @@ def test_min_steps_repeats_passes_per_epoch(tiny_vit: FrozenViT, min_steps: int,
     assert [seen.count(c) for c in range(4)] == [8 * passes * 2] * 4
     with pytest.raises(ValueError, match="min_steps"):
         TrainConfig(min_steps=-1).validate()
+
+
+def test_checkpoint_from_before_phase2_head_loads_with_sgd(tiny_vit: FrozenViT, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A model saved before the option existed (no phase2_head, no statistics) loads and keeps sgd."""
+    import json
+
+    torch.manual_seed(0)
+    m = create_method("cps_prompt", tiny_vit, {**CPS, "phase2_head": "sgd"})
+    Trainer(m, _stream(), TrainConfig(epochs=2, batch_size=8, model_dir=str(tmp_path))).fit()
+    meta_path = tmp_path / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("phase2_head", "ridge_lambda"):
+        meta["method_config"].pop(key)
+    meta["method_meta"].pop("phase2_head")
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_model(tmp_path, backbone=tiny_vit)
+    assert loaded.method.cfg.phase2_head == "sgd" and not loaded.method.closed_form_head()
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    assert torch.allclose(loaded.logits(x), m(x)[:, :4], atol=1e-5)

@@ -192,8 +192,20 @@ class AnalyticHeadMixin(Method):
         if self.analytic is not None:
             self.analytic.commit_task()
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Also which head the checkpoint's statistics belong to."""
+        return {**super().checkpoint_meta(), "phase2_head": self._phase2_head}
+
     def load_checkpoint_meta(self, state: dict[str, Any]) -> None:
-        """Also size the closed-form statistics to the saved head."""
+        """Follow the checkpoint's head and size its statistics to the saved head.
+
+        A checkpoint from before ``phase2_head`` existed (no key) was trained with the SGD head and holds no
+        statistics: it continues with ``sgd``, since a ridge solve would need the earlier tasks' Gram matrix.
+        """
         super().load_checkpoint_meta(state)
+        saved = str(state.get("phase2_head", "sgd"))
+        if saved != self._phase2_head:
+            setattr(self.cfg, "phase2_head", saved)  # noqa: B010
+            self.analytic = AnalyticStats(self.backbone.embed_dim) if saved != "sgd" else None
         if self.analytic is not None:
             self.analytic.grow(int(state.get("head_classes", 0)))
