@@ -328,7 +328,21 @@ def unit_budget(ctx: Context, which: str) -> dict[str, Any]:
             "full_batch_need_mb": fresh.predicted_peak_mb + fresh.headroom_mb,
         }
     try:
-        run = prepare_run(spec, profile=profile)
+        try:
+            run = prepare_run(spec, profile=profile)
+        except BudgetError as err:
+            if which != "tight" or fresh is None or err.minimum_mb is None:
+                raise
+            # The idle baseline (RSS on a CPU) grew between the fresh plan and this one (seen: +7 MB over a
+            # 15 MB gap): keep the budget halfway into the gap, measured from the minimum the planner now has.
+            gap = fresh.predicted_peak_mb + fresh.headroom_mb - fresh.minimum_budget_mb
+            budget = float(math.floor(err.minimum_mb + gap / 2))
+            out.update(
+                budget_mb=budget,
+                retried_from={"budget_mb": spec.memory_budget_mb, "minimum_mb": err.minimum_mb},
+            )
+            spec.memory_budget_mb = budget
+            run = prepare_run(spec, profile=profile)
     except BudgetError as err:
         out.update(refused=True, message=str(err).splitlines()[0], minimum_mb=err.minimum_mb)
         _require(which == "impossible", f"budget {budget} MB ({which}) refused: {err}")
