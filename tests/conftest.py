@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from edgecl.backbone import FrozenViT, load_backbone
@@ -29,6 +30,16 @@ def _threads_and_seed() -> None:
     cores). ``EDGECL_TEST_THREADS=2`` runs the suite on two threads: no test may depend on the count."""
     torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
+
+
+def narrow_vit(name: str) -> FrozenViT:
+    """A seeded random 6-block ViT of width 96 at 32 px / patch 8: every method's default prompt layers fit,
+    and exporting (linear in depth) stays fast."""
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=6, embed_dim=96, num_heads=3, num_classes=0
+    )
+    return FrozenViT(vit, name=name)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
@@ -42,7 +41,7 @@ from edgecl.export import (
 from edgecl.methods import Method, MethodConfig, TaskInfo, create_method, get_method_class, list_methods
 from edgecl.train import TrainConfig, Trainer
 from edgecl.train.model_io import LoadedModel, load_model
-from tests.conftest import SHARED_DATA, SHARED_WEIGHTS, needs_shared
+from tests.conftest import SHARED_DATA, SHARED_WEIGHTS, narrow_vit, needs_shared
 
 METHODS = list_methods()
 EXPORTABLE = [m for m in METHODS if exportable_reason(m) is None]
@@ -78,17 +77,7 @@ class Zoo:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        torch.manual_seed(0)
-        model = timm.create_model(
-            "vit_tiny_patch16_224",
-            img_size=32,
-            patch_size=8,
-            depth=6,
-            embed_dim=96,
-            num_heads=3,
-            num_classes=0,
-        )
-        self.sweep_backbone = FrozenViT(model, name="vit_sweep_test")
+        self.sweep_backbone = narrow_vit("vit_sweep_test")
         torch.manual_seed(0)
         tiny = load_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8)
         self.weights = root / "tiny_vit.safetensors"

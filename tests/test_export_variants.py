@@ -7,7 +7,6 @@ from typing import Any
 
 import onnx
 import pytest
-import timm
 import torch
 from torch import Tensor
 
@@ -26,6 +25,7 @@ from edgecl.methods import Method, MethodConfig, TaskInfo, create_method
 from edgecl.serve.predictor import ENGINES, build_predictor, check_engine
 from edgecl.train import TrainConfig, Trainer
 from edgecl.train.model_io import LoadedModel, load_model
+from tests.conftest import narrow_vit
 
 AGREEMENT = 0.9
 """Least top-1 agreement with torch fp32 a variant must reach on this model's held-out images (a margin:
@@ -39,17 +39,7 @@ class Trained:
     then sit near decision boundaries, a poor probe of agreement)."""
 
     def __init__(self, root: Path) -> None:
-        torch.manual_seed(0)
-        vit = timm.create_model(
-            "vit_tiny_patch16_224",
-            img_size=32,
-            patch_size=8,
-            depth=6,
-            embed_dim=96,
-            num_heads=3,
-            num_classes=0,
-        )
-        self.backbone = FrozenViT(vit, name="vit_variants_test")
+        self.backbone = narrow_vit("vit_variants_test")
         self.model_dir = root / "model"
         stream = synthetic_stream(1, classes_per_task=4, per_class=12, test_per_class=12)
         torch.manual_seed(0)
