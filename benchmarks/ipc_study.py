@@ -36,11 +36,13 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "linear_probe+ridge lam=10": ("linear_probe", {"phase2_head": "ridge", "ridge_lambda": 10.0}),
     "linear_probe+ridge lam=100": ("linear_probe", {"phase2_head": "ridge", "ridge_lambda": 100.0}),
     "linear_probe min_steps=100": ("linear_probe", {}),
-    "cps_prompt": ("cps_prompt", {}),
+    # cps_prompt and patchdropout name their (new) default head explicitly, so the cells do not depend on
+    # the checkout's default; the cps_prompt cells at 10 and 20 images per class ran with ridge as default
+    "cps_prompt": ("cps_prompt", {"phase2_head": "ridge"}),
     "cps_prompt+sgd": ("cps_prompt", {"phase2_head": "sgd"}),
     "cps_prompt+ridge": ("cps_prompt", {"phase2_head": "ridge"}),
     "cps_prompt+prototype": ("cps_prompt", {"phase2_head": "prototype"}),
-    "patchdropout": ("patchdropout", {}),
+    "patchdropout": ("patchdropout", {"phase2_head": "ridge"}),
     "coda_prompt": ("coda_prompt", {}),
     "l2p": ("l2p", {}),
     "dualprompt": ("dualprompt", {}),
@@ -48,6 +50,15 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpw": ("dpw", {}),
     "iprompt": ("iprompt", {}),
 }
+# issue #22 item 5: CPS's sampling settings against PatchDropout (uniform), each with the ridge head;
+# "mid" scores at block MID_LAYER instead of the last one (the reference hard-codes the last block)
+for _layer in ("", "mid "):
+    for _tau in (0.05, 0.1, 0.5, 1.0):
+        if _layer or _tau != 0.1:  # last layer and tau 0.1 is the cps_prompt cell itself
+            CELLS[f"cps {_layer}tau={_tau:g}"] = ("cps_prompt", {"phase2_head": "ridge", "temperature": _tau})
+    CELLS[f"cps {_layer}topk"] = ("cps_prompt", {"phase2_head": "ridge", "sampling": "topk"})
+MID_LAYER = 5
+"""Block index of the "mid" sweep cells (0-based; the 6th of the 12 blocks of ViT-Tiny)."""
 
 
 def _key(x: torch.Tensor, *extra: object) -> bytes:
@@ -74,7 +85,7 @@ def memoise_frozen_passes(backbone: FrozenViT) -> dict[str, int]:
     def query(x: torch.Tensor, keep_tokens: bool = False) -> QueryOutput:
         if torch.is_grad_enabled():
             return query_fn(x, keep_tokens=keep_tokens)
-        k = _key(x, "query")
+        k = _key(x, "query", backbone.score_layer)
         counts["hits" if k in memo else "misses"] += 1
         if k not in memo:
             memo[k] = query_fn(x, keep_tokens=False)
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.method_options.setdefault("expected_tasks", len(stream.tasks))
         if "min_steps=" in label:
             spec.min_steps = int(label.split("min_steps=")[1].split()[0])
+        backbone.score_layer = MID_LAYER if label.startswith("cps mid ") else backbone.depth - 1
         t0 = time.perf_counter()
         cpu0 = time.process_time()
         results = prepare_run(spec, backbone=backbone, stream=stream).fit()
@@ -153,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed,
             "wall_seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - cpu0,
+            "score_layer": backbone.score_layer,
             "memo": dict(counts),
             "machine": machine_info(),
             "load_average": list(os.getloadavg()),
