@@ -1,5 +1,9 @@
 """Frozen means bit-identical: with weight decay and Adam, training a later task leaves every element a
-method declares frozen (and every parameter outside the task's optimizer) exactly as it was (#18.4)."""
+method declares frozen (and every parameter outside the task's optimizer) exactly as it was (#18.4).
+
+A closed-form head (``phase2_head=ridge``, the default of the DPCT methods) re-solves every seen class's
+row from the accumulated statistics by design: there the head must equal that solve, and every other frozen
+element (earlier prompt components) must still be bit-identical."""
 
 from __future__ import annotations
 
@@ -43,16 +47,43 @@ class _AtTaskStart(Callback):
         self.masks = {n: mask.expand_as(named[n]).clone() for n, mask in m.frozen_masks().items()}
 
 
-@pytest.mark.parametrize("name", list_methods())
-def test_frozen_elements_bit_identical_under_weight_decay(tiny_vit: FrozenViT, name: str) -> None:
+def _cases() -> list[tuple[str, str | None]]:
+    """Every method with its SGD head, and the ones with a closed-form phase-2 head with ridge too."""
+    out: list[tuple[str, str | None]] = []
+    for name in list_methods():
+        if "phase2_head" in get_method_class(name).Config.model_fields:
+            out += [(name, "sgd"), (name, "ridge")]
+        else:
+            out.append((name, None))
+    return out
+
+
+@pytest.mark.parametrize(("name", "head"), _cases())
+def test_frozen_elements_bit_identical_under_weight_decay(
+    tiny_vit: FrozenViT, name: str, head: str | None
+) -> None:
     torch.manual_seed(0)
-    method = create_method(name, tiny_vit, small_overrides(name, weight_decay=0.1))
+    extra: dict[str, Any] = (
+        {"weight_decay": 0.1} if head is None else {"weight_decay": 0.1, "phase2_head": head}
+    )
+    method = create_method(name, tiny_vit, small_overrides(name, **extra))
     stream = synthetic_stream(2, classes_per_task=2, per_class=4, test_per_class=2, img_size=32)
     probe = _AtTaskStart()
     Trainer(method, stream, TrainConfig(epochs=2, batch_size=4, eval_batch_size=8), [probe]).fit()
     after = {n: p.detach() for n, p in method.named_parameters() if not n.startswith("backbone.")}
     assert "head.weight" in probe.masks and bool(probe.masks["head.weight"][:2].all())  # task 0's rows
     moved = 0
+    if head == "ridge":  # every seen row re-solved by the closed form, not by an optimiser step
+        weight, bias = method.analytic.ridge(method.head.num_classes, method.cfg.ridge_lambda)
+        assert torch.equal(method.head.weight.detach(), weight) and torch.equal(
+            method.head.bias.detach(), bias
+        )
+        assert not torch.equal(
+            after["head.weight"][:2], probe.params["head.weight"][:2]
+        )  # earlier rows moved
+        for n in ("head.weight", "head.bias"):
+            before = probe.params.pop(n)
+            moved += int((after[n][: before.shape[0]] != before).sum())
     for n, before in probe.params.items():
         if n not in probe.optimised:
             assert torch.equal(after[n], before), f"{n} is outside the optimizer but changed"

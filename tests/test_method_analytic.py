@@ -200,6 +200,22 @@ def test_closed_form_head_options_validated(tiny_vit: FrozenViT) -> None:
         create_method("linear_probe", tiny_vit, {"phase2_head": "ridge", "ridge_lambda": 0})
 
 
+@pytest.mark.parametrize("name", ["cps_prompt", "patchdropout"])
+def test_dpct_default_head_is_ridge_and_augmented_phase2_falls_back_to_sgd(
+    tiny_vit: FrozenViT, name: str
+) -> None:
+    """The DPCT methods solve their head by default; ``phase2_transform=train`` alone keeps the SGD head
+    (an augmented phase 2 is no deterministic pass), and the dumped config reads back to the same head."""
+    from edgecl.methods.base import describe_config
+
+    m = create_method(name, tiny_vit, dict(CPS))
+    assert m.cfg.phase2_head == "ridge" and m.closed_form_head()
+    aug = create_method(name, tiny_vit, {**CPS, "phase2_transform": "train"})
+    assert aug.cfg.phase2_head == "sgd" and not aug.closed_form_head()
+    again = create_method(name, tiny_vit, describe_config(aug.cfg))
+    assert again.cfg.phase2_head == "sgd" and again.cfg.phase2_transform == "train"
+
+
 def test_baselines_in_every_bench() -> None:
     """``--methods all`` runs both floors right after the paper's methods; CPS-only flags are not passed."""
     import argparse

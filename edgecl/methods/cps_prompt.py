@@ -47,21 +47,24 @@ class CpsPromptConfig(CodaPromptConfig):
     phase2_transform: Literal["eval", "train"] = "eval"
     """Data transform in phase 2: ``eval`` (deterministic: resize + center crop, so features can be cached
     once per task; an edgecl choice) or ``train`` (the reference's random crop + flip, recomputed)."""
-    phase2_head: Phase2Head = "sgd"
-    """How phase 2 sets the head: ``sgd`` (the reference's optimiser epochs), ``prototype`` (each new class's
-    row = its normalised mean cached feature: a cosine prototype classifier) or ``ridge`` (ridge regression
-    on one-hot targets from the Gram matrix and class sums accumulated over all tasks, RanPAC-style). The
-    closed-form heads cost one feature pass instead of the phase-2 epochs. With tens of images per class and
-    few epochs the SGD head gets a few dozen steps, the last epochs at ~2 % of the LR (CODA's cosine), and
-    barely learns (shared hold-out, 20 images/class, 2 epochs, seed 0: 3.4 % final accuracy with ``sgd``,
-    18.1 % with ``ridge``, RESULTS.md): use ``ridge`` for small tasks. The default stays the reference's
-    ``sgd`` for now: ``ridge`` re-solves earlier classes' rows (they are not frozen), which the frozen-row
-    guarantee and the fleet's head averaging do not yet account for."""
+    phase2_head: Phase2Head = "ridge"
+    """How phase 2 sets the head: ``ridge`` (ridge regression on one-hot targets from the Gram matrix
+    and class sums accumulated over all tasks, RanPAC-style; every seen class's row is re-solved, so
+    earlier rows move by the solve, never by an optimiser step), ``prototype`` (each new class's row =
+    its normalised mean cached feature: a cosine prototype classifier) or ``sgd`` (the reference's
+    optimiser epochs). The closed-form heads cost one feature pass instead of the phase-2 epochs. An
+    edgecl default, not the reference's: with tens of images per class and few epochs the SGD head gets
+    a few dozen steps, the last epochs at ~2 % of the LR (CODA's cosine), and barely learns (shared
+    hold-out, 5 tasks x 10 classes, 20 images/class, 2 epochs, seed 0: 3.4 % final accuracy with
+    ``sgd``, 18.1 % with ``ridge``; the images-per-class study in RESULTS.md). Left unset with
+    ``phase2_transform=train`` (augmented, so not one deterministic pass) it falls back to ``sgd``."""
     ridge_lambda: float = Field(1.0, gt=0)
     """λ of the ``ridge`` head, ``(G + λI)⁻¹``; a guess checked on the shared hold-out (RESULTS.md)."""
 
     @model_validator(mode="after")
     def _closed_form_head_needs_eval(self) -> CpsPromptConfig:
+        if "phase2_head" not in self.model_fields_set and self.phase2_transform != "eval":
+            self.phase2_head = "sgd"  # the default head is closed-form; an augmented phase 2 needs steps
         check_head_transform(self.phase2_head, self.phase2_transform, "phase2_transform")
         return self
 
