@@ -69,18 +69,33 @@ def fmt(values: list[float], n_test: int) -> str:
     return f"{mean:.2f} ± {hw:.2f} (n={len(values)})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Write the summary table, the paired differences and the plot."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", nargs="?", default="benchmarks/results/ipc_study")
-    p.add_argument("--against", default="simplecil", help="paired differences to this method")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    cells = load(out)
-    labels = list(dict.fromkeys(label for label, _ in sorted(cells, key=lambda k: k[0])))
-    ipcs = sorted({ipc for _, ipc in cells})
-    lines = ["| method | " + " | ".join(f"{i} img/class" for i in ipcs) + " |"]
-    lines.append("|---|" + "---:|" * len(ipcs))
+SWEEP_PREFIX = "cps "
+"""Labels of the item-5 sweep cells (``cps tau=…``, ``cps mid …``, ``cps topk``): tabulated apart."""
+
+
+def paired(
+    cells: dict[tuple[str, int], dict[int, dict[str, Any]]], label: str, against: str, ipc: int
+) -> str:
+    """Seed-paired difference ``label − against`` at ``ipc``: mean ± combined half-width, a verdict."""
+    a, b = cells.get((label, ipc), {}), cells.get((against, ipc), {})
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "—"
+    diffs = [a[s]["faa"] - b[s]["faa"] for s in common]
+    mean, hw = interval(diffs)
+    n_test = a[common[0]]["n_test"]
+    ta = test_halfwidth(statistics.fmean(a[s]["faa"] for s in common), n_test)
+    tb = test_halfwidth(statistics.fmean(b[s]["faa"] for s in common), n_test)
+    total = math.sqrt((hw or 0.0) ** 2 + ta**2 + tb**2)
+    sig = "significant" if abs(mean) > total else "not significant"
+    return f"{mean:+.2f} ± {total:.2f} (n={len(common)}), {sig}"
+
+
+def table(
+    cells: dict[tuple[str, int], dict[int, dict[str, Any]]], labels: list[str], ipcs: list[int]
+) -> list[str]:
+    """Mean ± interval per (label, ipc); "not run" where no seed finished."""
+    lines = ["| method | " + " | ".join(f"{i} img/class" for i in ipcs) + " |", "|---|" + "---:|" * len(ipcs)]
     for label in labels:
         row = []
         for ipc in ipcs:
@@ -88,28 +103,41 @@ def main(argv: list[str] | None = None) -> int:
             n_test = next(iter(seeds.values()))["n_test"] if seeds else 0
             row.append(fmt([v["faa"] for v in seeds.values()], n_test) if seeds else "not run")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the summary tables (study, paired differences, sweep, time) and the plot."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default="benchmarks/results/ipc_study")
+    p.add_argument("--against", default="simplecil", help="paired differences to this method")
+    p.add_argument("--sweep-against", default="patchdropout", help="the sweep's paired differences to this")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    cells = load(out)
+    every = list(dict.fromkeys(label for label, _ in sorted(cells, key=lambda k: k[0])))
+    labels = [lb for lb in every if not lb.startswith(SWEEP_PREFIX)]
+    sweep = [lb for lb in every if lb.startswith(SWEEP_PREFIX)]
+    ipcs = sorted({ipc for _, ipc in cells})
+    lines = table(cells, labels, ipcs)
     lines += ["", f"Paired by seed, method − {args.against} (final average accuracy, points):", ""]
     lines.append("| method | " + " | ".join(f"{i} img/class" for i in ipcs) + " |")
     lines.append("|---|" + "---:|" * len(ipcs))
     for label in labels:
-        if label == args.against:
-            continue
-        row = []
-        for ipc in ipcs:
-            a, b = cells.get((label, ipc), {}), cells.get((args.against, ipc), {})
-            common = sorted(set(a) & set(b))
-            if not common:
-                row.append("—")
-                continue
-            diffs = [a[s]["faa"] - b[s]["faa"] for s in common]
-            mean, hw = interval(diffs)
-            n_test = a[common[0]]["n_test"]
-            ta = test_halfwidth(statistics.fmean(a[s]["faa"] for s in common), n_test)
-            tb = test_halfwidth(statistics.fmean(b[s]["faa"] for s in common), n_test)
-            total = math.sqrt((hw or 0.0) ** 2 + ta**2 + tb**2)
-            sig = "significant" if abs(mean) > total else "not significant"
-            row.append(f"{mean:+.2f} ± {total:.2f} (n={len(common)}), {sig}")
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if label != args.against:
+            lines.append(
+                f"| {label} | " + " | ".join(paired(cells, label, args.against, i) for i in ipcs) + " |"
+            )
+    if sweep:
+        sweep_ipcs = sorted({ipc for lb, ipc in cells if lb.startswith(SWEEP_PREFIX)})
+        lines += ["", "CPS sampling sweep (final average accuracy, %; `mid` = scores of a middle block):", ""]
+        lines += table(cells, ["cps_prompt", args.sweep_against, *sweep], sweep_ipcs)
+        lines += ["", f"Paired by seed, sweep cell − {args.sweep_against} (points):", ""]
+        lines.append("| cell | " + " | ".join(f"{i} img/class" for i in sweep_ipcs) + " |")
+        lines.append("|---|" + "---:|" * len(sweep_ipcs))
+        for label in ["cps_prompt", *sweep]:
+            row = " | ".join(paired(cells, label, args.sweep_against, i) for i in sweep_ipcs)
+            lines.append(f"| {label} | {row} |")
     lines += ["", "Training time (s, mean over seeds; CPU shared with other jobs, so only rough):", ""]
     lines.append("| method | " + " | ".join(f"{i} img/class" for i in ipcs) + " |")
     lines.append("|---|" + "---:|" * len(ipcs))
@@ -130,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # plots are optional
         return 0
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in labels:
+    for label in [lb for lb in labels if "lam=" not in lb and "min_steps" not in lb]:
         xs, ys, errs = [], [], []
         for ipc in ipcs:
             seeds = cells.get((label, ipc), {})
