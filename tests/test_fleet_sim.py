@@ -17,6 +17,7 @@ from edgecl.data.synthetic import write_synthetic_folder
 from edgecl.fleet.device import FleetDevice, LocalData
 from edgecl.fleet.protocol import TrainReply, TrainRequest
 from edgecl.fleet.server import FleetConfig, FleetServer, LocalTransport
+from edgecl.methods.analytic import AnalyticHeadMixin
 from edgecl.train.checkpoint import load_checkpoint
 
 RECIPE = {
@@ -110,3 +111,91 @@ def test_fleet_with_subsets_dropout_rejoin_and_a_bad_device(tmp_path: Path) -> N
         for name, tensor in committed[0].tensors.items():
             assert torch.equal(tensor, other.tensors[name]), name
     assert committed[0].meta["classes_learned"] == names and committed[0].meta["task_complete"]
+
+
+class RecordingDevice(FleetDevice):
+    """Records the features its closed-form head fits are computed from (the test's pooled-data check)."""
+
+    fits: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    current = ""
+
+    def train(self, req: TrainRequest) -> TrainReply:
+        RecordingDevice.current = self.name
+        return super().train(req)
+
+
+def _pooled_ridge(
+    feats: list[torch.Tensor], labels: list[torch.Tensor], classes: int, lam: float
+) -> torch.Tensor:
+    """The ridge solution (float64) on the pooled features of every task: ``(D+1) x classes``."""
+    x = torch.cat(feats).double()
+    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    y = torch.nn.functional.one_hot(torch.cat(labels), classes).double()
+    return torch.linalg.solve(xa.T @ xa + lam * torch.eye(xa.shape[1], dtype=torch.float64), xa.T @ y)
+
+
+@pytest.mark.slow
+def test_fleet_ridge_head_is_the_pooled_data_solution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cps_prompt with phase2_head=ridge: after every round the global head is the ridge solution of the
+    accepted devices' pooled features (plus the earlier tasks' final rounds), and the fleet learns."""
+    weights = _weights(tmp_path)
+    write_synthetic_folder(tmp_path / "all" / "train", 4, 12, img_size=32)
+    write_synthetic_folder(tmp_path / "all" / "val", 4, 6, img_size=32, split="test")
+    data = LocalData.from_image_folder(tmp_path / "all")
+    names = sorted(data.train)
+    shards = {
+        "a": LocalData({k: f[0::3] for k, f in data.train.items()}, data.test),
+        "b": LocalData({k: data.train[k][1::3] for k in (names[0], names[2])}, data.test),
+        "c": LocalData({k: f[2::3] for k, f in data.train.items()}, data.test),
+    }
+    local = {"weights": str(weights), "threads": 1}
+    devices = {n: RecordingDevice(d, tmp_path / n, local=local, name=n) for n, d in shards.items()}
+    fit_head = AnalyticHeadMixin.fit_head
+
+    def recording_fit(self: AnalyticHeadMixin, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        RecordingDevice.fits.append((RecordingDevice.current, feats.detach().clone(), labels.clone()))
+        fit_head(self, feats, labels)
+
+    monkeypatch.setattr(AnalyticHeadMixin, "fit_head", recording_fit)
+    monkeypatch.setattr(RecordingDevice, "fits", [])
+    transport = LocalTransport(devices)
+    recipe = {**RECIPE, "method_options": {**RECIPE["method_options"], "phase2_head": "ridge"}}
+    server = FleetServer(FleetConfig(tasks=2, rounds=2, spec=recipe))
+    done: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # each finished task's last round
+    gaps: list[float] = []
+
+    def check(server: FleetServer, record: dict[str, Any]) -> None:
+        # the fits of this round's accepted devices, then the head the pooled features give
+        fits = [(x, y) for n, x, y in RecordingDevice.fits if n in record["accepted"]]
+        RecordingDevice.fits.clear()
+        assert server.model is not None and len(fits) == len(record["accepted"]) == 3
+        feats = [x for d in done for x in d[0]] + [x for x, _ in fits]
+        labels = [y for d in done for y in d[1]] + [y for _, y in fits]
+        t = server.model.tensors
+        sol = _pooled_ridge(feats, labels, len(server.model.classes), 1.0)
+        for got, want in ((t["head.weight"], sol[:-1].T), (t["head.bias"], sol[-1])):
+            gaps.append(float((got.double() - want).abs().max() / want.abs().max()))
+        x = torch.cat([x for x, _ in fits]).double()
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        assert torch.allclose(t["analytic.gram_task"].double(), xa.T @ xa, rtol=1e-5, atol=1e-3)
+        if record["round"] == 1:
+            done.append(([x for x, _ in fits], [y for _, y in fits]))
+
+    server.on_round = check
+    result = server.run(transport)
+    # float32 statistics: relative gaps of a few 1e-5 (an averaged head would be off by O(1))
+    assert len(gaps) == 8 and max(gaps) < 1e-3, gaps
+    # it learned: well above chance (1/4) on both tasks
+    final = result["final"]["accuracy"]
+    assert len(final) == 2 and min(final) >= 0.75, final
+    assert len(set(result["final"]["digests"].values())) == 1
+    # the committed model holds the statistics of both tasks: the Gram matrix of all pooled features
+    committed = load_checkpoint(tmp_path / "a" / "model")
+    x = torch.cat([x for d in done for x in d[0]]).double()
+    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    assert torch.allclose(
+        committed.tensors["method.analytic.gram_past"].double(), xa.T @ xa, rtol=1e-5, atol=1e-3
+    )
+    assert not committed.tensors["method.analytic.gram_task"].any()

@@ -12,13 +12,17 @@ Pure torch, no Flower: the Flower ServerApp and the in-process simulation both c
 * An update is refused, with a logged reason, before it can enter the average: wrong task or model
   version, names or shapes that are not the global model's, unknown or repeated class names, counts that
   do not add up, non-finite or non-float values.
+* A closed-form head (ridge or prototype, :mod:`edgecl.methods.analytic`) is not averaged: its sufficient
+  statistics are summed (per-class rows by class name, the task's Gram matrix whole) and the head is solved
+  again from the sums (:class:`Statistics`, which :mod:`edgecl.fleet.closed_form` builds for a method), so
+  the global head is the one a single device would fit on the union of the accepted devices' data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,7 @@ __all__ = [
     "HEAD_PREFIX",
     "DeviceUpdate",
     "GlobalModel",
+    "Statistics",
     "aggregate",
     "check_update",
     "head_names",
@@ -79,17 +84,44 @@ class DeviceUpdate:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass(frozen=True)
+class Statistics:
+    """How a closed-form head's sufficient statistics aggregate: summed, not averaged, then solved.
+
+    Statistics add over devices (a sum of per-device sums is the sum over the union of their data), so the
+    server sums them and sets the head from the sums with ``solve`` instead of averaging solutions."""
+
+    rows: tuple[str, ...]
+    """Class-indexed tensors (one row per class name): a device sends the rows of its ``head_classes``;
+    the task's rows are the sums of the rows sent (zero for a class nobody sent), earlier rows stay."""
+    count: str
+    """The one of ``rows`` that holds each class's sample count: it must equal the declared class counts."""
+    summed: tuple[str, ...]
+    """Tensors sent whole and summed over the accepted devices (e.g. the task's Gram matrix)."""
+    derived: tuple[str, ...]
+    """Tensors devices do not send: kept from the global model, or set by ``solve`` (the head itself)."""
+    solve: Callable[[dict[str, Tensor], list[int]], dict[str, Tensor]]
+    """``solve(tensors, task_rows)``: the tensors it sets (the head) from the aggregated ``tensors``."""
+    check: Callable[[DeviceUpdate], str | None] | None = None
+    """Further consistency checks of one update's statistics (why it is refused, or None)."""
+
+
 def head_names(names: Sequence[str], head_prefix: str = HEAD_PREFIX) -> list[str]:
     """The tensor names among ``names`` that are class-indexed head rows."""
     return [n for n in names if n.startswith(head_prefix)]
 
 
 def check_update(
-    update: DeviceUpdate, model: GlobalModel, task_classes: Sequence[str], head_prefix: str = HEAD_PREFIX
+    update: DeviceUpdate,
+    model: GlobalModel,
+    task_classes: Sequence[str],
+    head_prefix: str = HEAD_PREFIX,
+    stats: Statistics | None = None,
 ) -> str | None:
     """Why ``update`` cannot enter the average of ``model``'s next version (None when it can).
 
     ``task_classes`` are the class names of the task being trained: the only head rows a device may send.
+    With ``stats`` the update carries no ``stats.derived`` tensor, and its count rows must match its counts.
     """
     if update.task != model.task:
         return f"update is for task {update.task}, the round trains task {model.task}"
@@ -99,7 +131,8 @@ def check_update(
         return f"num_examples must be an integer, got {update.num_examples!r}"
     if update.num_examples < 1:
         return f"num_examples must be >= 1, got {update.num_examples}"
-    expected, got = set(model.tensors), set(update.tensors)
+    derived = set(stats.derived) if stats is not None else set()
+    expected, got = set(model.tensors) - derived, set(update.tensors)
     if expected != got:
         missing, extra = sorted(expected - got), sorted(got - expected)
         return f"tensor names differ from the global model: missing {missing[:5]}, unexpected {extra[:5]}"
@@ -116,17 +149,30 @@ def check_update(
     if sum(update.class_counts) != update.num_examples:
         return f"class counts add up to {sum(update.class_counts)}, num_examples is {update.num_examples}"
     rows = len(update.head_classes)
+    row_names = set(stats.rows) if stats is not None else set()
     for name, ref in model.tensors.items():
+        if name in derived:
+            continue
         t = update.tensors[name]
         if not isinstance(t, Tensor):
             return f"{name} is not a tensor"
         if not t.is_floating_point():
             return f"{name} has dtype {t.dtype}, a floating-point tensor was expected"
-        shape = (rows, *ref.shape[1:]) if name.startswith(head_prefix) else tuple(ref.shape)
+        per_class = name.startswith(head_prefix) or name in row_names
+        shape = (rows, *ref.shape[1:]) if per_class else tuple(ref.shape)
         if tuple(t.shape) != shape:
             return f"{name} has shape {tuple(t.shape)}, expected {shape}"
         if not bool(torch.isfinite(t).all()):
             return f"{name} has non-finite values"
+    if stats is not None:
+        sent = update.tensors[stats.count].to(torch.float64)
+        if not torch.equal(sent, torch.tensor(update.class_counts, dtype=torch.float64)):
+            return (
+                f"{stats.count} rows {sent.tolist()[:5]} differ from the declared class counts "
+                f"{list(update.class_counts)[:5]}"
+            )
+        if stats.check is not None:
+            return stats.check(update)
     return None
 
 
@@ -135,16 +181,18 @@ def aggregate(
     updates: Sequence[DeviceUpdate],
     task_classes: Sequence[str],
     head_prefix: str = HEAD_PREFIX,
+    stats: Statistics | None = None,
 ) -> tuple[GlobalModel, dict[str, str]]:
     """The next global model from the updates that pass :func:`check_update`, and the refused ones.
 
     Returns ``(model, {node: reason})``. With no acceptable update the tensors are the old ones (and the
-    version is unchanged: the round did not happen).
+    version is unchanged: the round did not happen). With ``stats`` (a closed-form head) the statistics are
+    summed and the head is ``stats.solve`` of the sums; without, the head rows are averaged.
     """
     accepted: list[DeviceUpdate] = []
     refused: dict[str, str] = {}
     for u in updates:
-        reason = check_update(u, model, task_classes, head_prefix)
+        reason = check_update(u, model, task_classes, head_prefix, stats)
         if reason is None:
             accepted.append(u)
         else:
@@ -156,7 +204,9 @@ def aggregate(
     total = float(sum(u.num_examples for u in accepted))
     out: dict[str, Tensor] = {}
     for name, ref in model.tensors.items():
-        if name.startswith(head_prefix):
+        if stats is not None and name in (*stats.rows, *stats.summed, *stats.derived):
+            out[name] = _summed(name, ref, accepted, stats, [row_of[c] for c in task_classes], row_of)
+        elif name.startswith(head_prefix):
             acc = torch.zeros(ref.shape, dtype=torch.float64)
             weight = torch.zeros(ref.shape[0], dtype=torch.float64)
             for u in accepted:
@@ -174,8 +224,35 @@ def aggregate(
             for u in accepted:
                 acc += u.tensors[name].to(torch.float64) * (u.num_examples / total)
             out[name] = acc.to(ref.dtype)
+    if stats is not None:
+        out.update(stats.solve(out, [row_of[c] for c in task_classes]))
     new_model = GlobalModel(out, list(model.classes), dict(model.method_meta), model.task, model.version + 1)
     return new_model, refused
+
+
+def _summed(
+    name: str,
+    ref: Tensor,
+    accepted: Sequence[DeviceUpdate],
+    stats: Statistics,
+    task_rows: list[int],
+    row_of: dict[str, int],
+) -> Tensor:
+    """One statistics tensor of the next model: task rows summed by class, whole tensors summed, derived
+    tensors kept (until ``stats.solve`` sets them)."""
+    if name in stats.derived:
+        return ref.clone()
+    if name in stats.summed:
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for u in accepted:
+            acc += u.tensors[name].to(torch.float64)
+        return acc.to(ref.dtype)
+    new = ref.to(torch.float64).clone()
+    new[task_rows] = 0.0  # a task class no accepted device sent has no data in this round's sums
+    for u in accepted:
+        idx = torch.tensor([row_of[c] for c in u.head_classes], dtype=torch.long)
+        new.index_add_(0, idx, u.tensors[name].to(torch.float64))
+    return new.to(ref.dtype)
 
 
 def weighted_accuracy(pairs: Sequence[tuple[int, int]]) -> float:

@@ -7,7 +7,8 @@ a finished model of the previous task and the run resumes from it, so the :class
 round's task as it would on one device (CPS sampling, DPCT phases, the memory plan all apply); a callback
 then loads the global tensors of the task (its components and head rows, as the server allocated them)
 before the first step. Only the trainable tensors go back: the head rows of the classes the device has
-images of, with their counts.
+images of, with their counts; with a closed-form head, the statistics of the task's fit instead of the
+head (:mod:`edgecl.fleet.closed_form`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgecl.backbone import FrozenViT
 from edgecl.data.stream import ImageListDataset, Task, TaskStream, scan_image_folder
 from edgecl.data.transforms import build_transforms
 from edgecl.fleet.aggregate import HEAD_PREFIX, DeviceUpdate, GlobalModel
+from edgecl.fleet.closed_form import KeepStatistics, closed_form_statistics
 from edgecl.fleet.protocol import EvalReply, EvalRequest, TrainReply, TrainRequest
 from edgecl.runner import Run, RunSpec, build_backbone, prepare_run
 from edgecl.train.callbacks import Callback
@@ -227,8 +229,10 @@ class FleetDevice:
         """One round: evaluate the received model, train the task from it, return the trainables."""
         spec = self.spec(req.spec)
         t = req.task
-        run = self._run(spec, req.plan[: t + 1], [_LoadGlobal(req.model)])
+        keep = KeepStatistics()
+        run = self._run(spec, req.plan[: t + 1], [_LoadGlobal(req.model), keep])
         _load(run.method, req.model)
+        stats = closed_form_statistics(run.method)
         evaluation = self._evaluate(run, t) if req.evaluate else []
         counts, names = _counts(run, t)
         if not counts:
@@ -245,9 +249,21 @@ class FleetDevice:
         results = run.fit()
         seconds = time.perf_counter() - t0
         state = run.method.trainable_state_dict()
+        per_class: set[str] = set()
+        if stats is not None:  # a closed-form head: its statistics go up, the head itself does not
+            if keep.tensors is None:
+                raise RuntimeError(
+                    f"{self.name}: the closed-form head was not fitted this round (no HEAD epoch); "
+                    "the fleet needs a recipe whose epochs include phase 2"
+                )
+            state = {k: v for k, v in {**state, **keep.tensors}.items() if k not in stats.derived}
+            per_class = set(stats.rows)
         rows = torch.tensor([run.stream.class_order.index(n) for n in names], dtype=torch.long)
         tensors = {
-            k: (v.index_select(0, rows) if k.startswith(HEAD_PREFIX) else v).detach().cpu().clone()
+            k: (v.index_select(0, rows) if k.startswith(HEAD_PREFIX) or k in per_class else v)
+            .detach()
+            .cpu()
+            .clone()
             for k, v in state.items()
         }
         update = DeviceUpdate(self.name, t, req.model.version, tensors, names, counts, sum(counts))

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import torch
 
 from edgecl.data.stream import split_tasks
-from edgecl.fleet.aggregate import GlobalModel, aggregate, weighted_accuracy
+from edgecl.fleet.aggregate import GlobalModel, Statistics, aggregate, weighted_accuracy
+from edgecl.fleet.closed_form import closed_form_statistics
 from edgecl.fleet.device import FleetDevice
 from edgecl.fleet.protocol import EvalReply, EvalRequest, TrainReply, TrainRequest
-from edgecl.methods.base import TaskInfo
+from edgecl.methods.base import Phase, TaskInfo
 from edgecl.methods.registry import create_method
 from edgecl.runner import RunSpec, build_backbone
 from edgecl.train.trainer import derive_seed
@@ -165,6 +166,8 @@ class FleetServer:
         self.final: dict[str, Any] = {}
         self.on_round: Any = None
         """Optional hook ``f(server, record)`` after every round (the simulation takes devices off there)."""
+        self.stats: Statistics | None = None
+        """How the method's closed-form head aggregates (None: an SGD head, rows averaged)."""
 
     # ---- set-up ----------------------------------------------------------------------------------
     def class_plan(self, transport: Transport, nodes: Sequence[str]) -> list[list[str]]:
@@ -206,6 +209,14 @@ class FleetServer:
         spec = RunSpec(**{**asdict(self.spec), "method_options": recipe["method_options"]})
         torch.manual_seed(spec.seed)  # as build_run: the method's initial tensors
         method = create_method(spec.method, build_backbone(spec), dict(spec.method_options))
+        self.stats = closed_form_statistics(method)
+        if self.stats is not None and all(
+            method.phase(e, spec.epochs) is not Phase.HEAD for e in range(spec.epochs)
+        ):
+            raise ValueError(
+                f"a closed-form head is fitted in phase 2, which epochs={spec.epochs} never reaches: "
+                "raise epochs (or min_prompt_epochs/phase_ratio lower)"
+            )
         names: list[str] = []
         version = 0
         for t, task_names in enumerate(self.plan):
@@ -227,6 +238,8 @@ class FleetServer:
                 method.load_state_dict(self.model.tensors, strict=False)
             method.end_task(info, [])
             self.model.method_meta = method.checkpoint_meta()
+            if self.stats is not None:  # the task's Gram matrix folded into the past one, as on a device
+                self.model.tensors = {k: v.detach().clone() for k, v in method.trainable_state_dict().items()}
             version = self.model.version
         self._final(transport, recipe)
         self.final["wall_seconds"] = time.perf_counter() - t_start
@@ -252,7 +265,7 @@ class FleetServer:
             else:
                 reply.update.node = n
                 updates.append(reply.update)
-        model, refused = aggregate(self.model, updates, self.plan[t])
+        model, refused = aggregate(self.model, updates, self.plan[t], stats=self.stats)
         accepted = [u.node for u in updates if u.node not in refused]
         if len(accepted) < self.config.min_train_replies:
             log.warning(

@@ -29,6 +29,7 @@ __all__ = [
     "class_means",
     "fit_linear_head",
     "ridge_solution",
+    "set_linear_head",
 ]
 
 Phase2Head = Literal["sgd", "prototype", "ridge"]
@@ -128,6 +129,19 @@ def fit_linear_head(
     row and bias from :meth:`AnalyticStats.ridge` (earlier classes re-solved with the new Gram matrix)."""
     stats.grow(n_seen)
     stats.accumulate(feats, labels, classes)
+    set_linear_head(head, stats, kind, classes, n_seen, ridge_lambda)
+
+
+def set_linear_head(
+    head: ExpandableHead,
+    stats: AnalyticStats,
+    kind: str,
+    classes: list[int],
+    n_seen: int,
+    ridge_lambda: float,
+) -> None:
+    """Set the head from ``stats`` alone (the solve of :func:`fit_linear_head`): ``prototype`` rows of
+    ``classes``, or every ``ridge`` row up to ``n_seen``. The fleet's server calls it on summed statistics."""
     with torch.no_grad():
         if kind == "prototype":
             rows = F.normalize(stats.means(n_seen)[classes], dim=1)
