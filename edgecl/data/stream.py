@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from edgecl.data.transforms import build_transforms
+from edgecl.data.transforms import build_transforms, to_rgb
 
 __all__ = [
     "ImageListDataset",
@@ -46,7 +46,7 @@ class ImageListDataset(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.items[i]
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
         return (self.transform(rgb) if self.transform else rgb), label  # type: ignore[return-value]
 
     @property

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from edgecl.data.transforms import to_rgb
 from edgecl.export.info import INPUT_NAME, ModelFileError, ModelInfo, existing_file, first_line, model_info
 from edgecl.export.runtime import Provider, session
 from edgecl.export.writer import require_rebuildable
@@ -48,13 +49,13 @@ Images = Tensor | ImageLike | Sequence[ImageLike]
 def load_image(image: ImageLike) -> Image.Image:
     """An RGB PIL image from a path or a PIL image; errors name the file."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     p = Path(image)
     if not p.is_file():
         raise FileNotFoundError(f"image not found: {p}")
     try:
         with Image.open(p) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:
         raise ValueError(f"cannot read image {p}: {first_line(err)}") from err
 

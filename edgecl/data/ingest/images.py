@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from edgecl.data.transforms import to_rgb
+
 __all__ = ["ALLOWED_FORMATS", "DecodedImage", "ImageHeader", "decode_image", "probe_image"]
 
 ALLOWED_FORMATS = {
@@ -192,7 +194,7 @@ def decode_image(data: bytes, max_pixels: int, strict_end: bool = False) -> tupl
             probe.verify()
         with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as img:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except Image.DecompressionBombError as err:
         raise ValueError(f"decompression bomb refused: {err}") from err
     except Exception as err:  # PIL's plugins raise many kinds on corrupt data
