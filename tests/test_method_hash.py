@@ -340,3 +340,39 @@ def test_hdr_penalty_is_delta_running_score_stds(backbone: FrozenViT) -> None:
     assert torch.allclose(s0.scores, infer, atol=1e-6)  # training's last step used the same penalty
     # the penalty demotes, it does not ban: smaller than the spread of the scores it is applied to
     assert 2.0 * float(step_std) < float(free.max(1).values.mean() - free.min(1).values.mean())
+
+
+def test_model_saved_before_score_std_loads_with_its_absolute_penalty(
+    backbone: FrozenViT, tmp_path: Path
+) -> None:
+    """A checkpoint from before ``delta_scale`` (no running-spread buffers, no such config keys) loads, and
+    keeps the absolute HDR penalty it was trained with instead of taking today's ``score_std`` default."""
+    from edgecl.train.checkpoint import load_checkpoint, save_checkpoint
+
+    stream = synthetic_stream(2, classes_per_task=2, per_class=8)
+    trainer = Trainer(
+        _method(backbone, delta=0.5, delta_scale="absolute"),
+        stream,
+        TrainConfig(epochs=1, batch_size=8, checkpoint_dir=str(tmp_path / "new")),
+        callbacks=[TaskIdentificationCallback()],
+    )
+    trainer.fit()
+    new = load_checkpoint(tmp_path / "new")
+    meta = dict(new.meta)
+    meta["method_config"] = {
+        k: v for k, v in meta["method_config"].items() if k not in ("delta_scale", "score_std_momentum")
+    }
+    tensors = {k: v for k, v in new.tensors.items() if not k.startswith("method.score_std")}
+    assert len(tensors) == len(new.tensors) - 2
+    save_checkpoint(tmp_path / "old", meta, tensors)
+
+    old = load_model(tmp_path / "old", backbone=backbone).method
+    assert isinstance(old, Hash)
+    assert old.cfg.delta_scale == "absolute" and old.cfg.delta == 0.5
+    assert not old.score_std_seen.any() and old.score_std.shape == (2, LAYERS)
+    ref = load_model(tmp_path / "new", backbone=backbone).method
+    x = torch.stack([stream.tasks[1].test[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert torch.equal(old(x), ref(x))
+    # a config someone writes today (no delta_scale) still gets the current default
+    assert build_config("hash", {"delta": 0.5}).delta_scale == "score_std"  # type: ignore[attr-defined]

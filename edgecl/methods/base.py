@@ -57,6 +57,15 @@ class MethodConfig(ConfigModel):
     the stream's task count. More tasks than this is an error for methods whose pool is split per task."""
 
     @classmethod
+    def upgrade_saved(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """Options a checkpoint saved (a full ``model_dump()``), upgraded to this version's meaning.
+
+        A key an older edgecl did not have gets the value that reproduces the old behaviour, not today's
+        default; the base keeps ``saved`` as it is. Called wherever a saved config is rebuilt
+        (:func:`edgecl.methods.registry.saved_options`)."""
+        return saved
+
+    @classmethod
     def _grow_with_tasks(cls, data: Any, key: str) -> Any:
         """Before validation: a per-task pool size ``key`` the caller did not set is raised to
         ``expected_tasks`` when the default is smaller (one component per task at least)."""

@@ -70,6 +70,14 @@ class HashConfig(MethodConfig):
     the 1/sqrt(D)-scaled scores as given (the previous default 0.5 banned A_t outright) [GUESS, edgecl]."""
     score_std_momentum: float = Field(0.9, ge=0, lt=1)
     """Running mean of the score spread: ``std <- m std + (1 - m) step_std`` [GUESS; 0 = the last step's]."""
+
+    @classmethod
+    def upgrade_saved(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A model saved before ``delta_scale`` existed penalised A_t by ``delta`` as given: keep that."""
+        if "delta" in saved and "delta_scale" not in saved:
+            saved = {**saved, "delta_scale": "absolute"}
+        return saved
+
     beta: float = Field(0.1, ge=0, le=1)
     """HGM update factor of the experts in A_t [GUESS, digest §3.2-7]."""
     active_set_size: int | None = Field(None, ge=0)
@@ -361,6 +369,16 @@ class Hash(Method):
     def checkpoint_meta(self) -> dict[str, Any]:
         """Also the number of routers and of TII class slots (tensor shapes to allocate on load)."""
         return {**super().checkpoint_meta(), "routers": self.num_routers, "tii_classes": self.tii.num_classes}
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """A checkpoint saved before the running score spread was kept has none: its routers start
+        unmeasured (as allocated by :meth:`load_checkpoint_meta`), which its ``delta_scale=absolute`` (see
+        :meth:`HashConfig.upgrade_saved`) never reads."""
+        for name in ("score_std", "score_std_seen"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def load_checkpoint_meta(self, state: dict[str, Any]) -> None:
         """Allocate routers and TII slots so the saved tensors fit; finished tasks' routers frozen."""

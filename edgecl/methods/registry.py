@@ -15,6 +15,7 @@ __all__ = [
     "get_method_class",
     "list_methods",
     "register_method",
+    "saved_options",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -60,6 +61,12 @@ def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> Metho
     its rule; command-line strings go through :func:`coerce_options` first.
     """
     return get_method_class(name).Config.from_options(overrides, where=f"method '{name}'")
+
+
+def saved_options(name: str, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved method config, upgraded by the method to this version (keys added since it was
+    saved get the value that reproduces the saved model's behaviour)."""
+    return get_method_class(name).Config.upgrade_saved(dict(saved))
 
 
 def coerce_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:

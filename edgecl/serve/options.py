@@ -46,7 +46,7 @@ def resolve_method_options(
 ) -> dict[str, Any]:
     """The method options a job trains with; ``ValueError`` for bad ones, :class:`JobConflict` when the job
     cannot continue the committed model."""
-    from edgecl.methods.registry import build_config
+    from edgecl.methods.registry import build_config, saved_options
 
     if model_meta is None:
         base = dict(profile.method_options) if method == profile.method else {}
@@ -58,7 +58,7 @@ def resolve_method_options(
             f"the model in service was trained with method '{model_meta.get('method')}'; later tasks must "
             f"use the same method (got '{method}')"
         )
-    saved = dict(model_meta.get("method_config") or {})
+    saved = saved_options(method, model_meta.get("method_config") or {})
     fixed = sorted(
         k for k, v in explicit.items() if k not in ADJUSTABLE_OPTIONS and _norm(saved.get(k)) != _norm(v)
     )

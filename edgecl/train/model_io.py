@@ -10,7 +10,7 @@ import torch
 
 from edgecl.backbone import FrozenViT, load_backbone
 from edgecl.methods.base import Method
-from edgecl.methods.registry import create_method
+from edgecl.methods.registry import create_method, saved_options
 from edgecl.train.checkpoint import load_checkpoint
 
 __all__ = ["LoadedModel", "load_model", "backbone_from_spec"]
@@ -63,7 +63,7 @@ def load_model(
     if meta.get("format") != "edgecl-checkpoint/1":
         raise ValueError(f"{directory} is not an edgecl checkpoint (format {meta.get('format')!r})")
     bb = backbone or backbone_from_spec(meta["backbone"], weights)
-    cfg = dict(meta["method_config"])
+    cfg = saved_options(meta["method"], meta["method_config"])
     method = create_method(meta["method"], bb, cfg)
     method.load_checkpoint_meta(meta["method_meta"])
     state = {k.removeprefix("method."): v for k, v in c.tensors.items() if k.startswith("method.")}
