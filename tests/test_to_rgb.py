@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_to_rgb_rescales_16_bit_grey() -> None:
 
 
 def test_to_rgb_float_image_is_taken_as_0_to_1() -> None:
-    assert to_rgb(Image.new("F", (1, 1), 0.5)).getpixel((0, 0)) == (127, 127, 127)
+    # 100.25 / 255 scales to 100.25: 100 whether PIL rounds or truncates
+    assert to_rgb(Image.new("F", (1, 1), 100.25 / 255)).getpixel((0, 0)) == (100, 100, 100)
 
 
 def test_to_rgb_leaves_plain_rgb_alone() -> None:
@@ -84,7 +86,9 @@ def test_to_rgb_ignores_unreadable_orientation() -> None:
 @pytest.mark.parametrize(
     ("make", "check"), [(_rotated_png_bytes, _check_rotated), (_grey16_png_bytes, _check_grey16)]
 )
-def test_every_reader_goes_through_to_rgb(tmp_path: Path, make, check) -> None:  # noqa: ANN001
+def test_every_reader_goes_through_to_rgb(
+    tmp_path: Path, make: Callable[[], bytes], check: Callable[[Image.Image], None]
+) -> None:
     data = make()
     _, decoded = decode_image(data, max_pixels=1_000_000)
     check(decoded)  # upload checks and /predict

@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 __all__ = ["build_transforms", "eval_transform", "to_rgb"]
 
-_HIGH_DEPTH_SCALE = {"I": 1 / 257, "I;16": 1 / 257, "I;16B": 1 / 257, "I;16L": 1 / 257, "I;16N": 1 / 257}
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 """Integer modes PIL opens 16-bit files in (grey PNG/TIFF): 0-65535 → 0-255. ``I`` (32-bit) is assumed to
 hold 16-bit data, as it does when PIL reads a 16-bit PNG; larger values clip at white."""
 
@@ -27,9 +27,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     with contextlib.suppress(Exception):  # malformed EXIF on untrusted files: keep the pixels as stored
         img = ImageOps.exif_transpose(img) or img
-    if img.mode in _HIGH_DEPTH_SCALE:
-        scale = _HIGH_DEPTH_SCALE[img.mode]
-        img = img.convert("I").point(lambda v: v * scale).convert("L")
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     elif img.mode == "F":
         img = img.point(lambda v: v * 255).convert("L")
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -71,13 +71,6 @@ class HashConfig(MethodConfig):
     score_std_momentum: float = Field(0.9, ge=0, lt=1)
     """Running mean of the score spread: ``std <- m std + (1 - m) step_std`` [GUESS; 0 = the last step's]."""
 
-    @classmethod
-    def upgrade_saved(cls, saved: dict[str, Any]) -> dict[str, Any]:
-        """A model saved before ``delta_scale`` existed penalised A_t by ``delta`` as given: keep that."""
-        if "delta" in saved and "delta_scale" not in saved:
-            saved = {**saved, "delta_scale": "absolute"}
-        return saved
-
     beta: float = Field(0.1, ge=0, le=1)
     """HGM update factor of the experts in A_t [GUESS, digest §3.2-7]."""
     active_set_size: int | None = Field(None, ge=0)
@@ -104,6 +97,13 @@ class HashConfig(MethodConfig):
                 f"must be <= pool_size={self.pool_size} or null (got {self.active_set_size})",
             )
         return self
+
+    @classmethod
+    def upgrade_saved(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A model saved before ``delta_scale`` existed penalised A_t by ``delta`` as given: keep that."""
+        if "delta" in saved and "delta_scale" not in saved:
+            saved = {**saved, "delta_scale": "absolute"}
+        return saved
 
 
 class Routing(NamedTuple):
